@@ -1,0 +1,13 @@
+"""Test setup: Triton kernels run through the interpreter on CPU (must be set before triton is imported)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
