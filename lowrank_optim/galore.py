@@ -1,0 +1,41 @@
+"""GaLore presets: low-rank Adam / Adafactor / 8-bit Adam with the residual dropped and moments kept across
+refreshes. Drop-in for galore-torch: same group keys (rank, update_proj_gap, scale, proj_type)."""
+from __future__ import annotations
+
+from .optimizer import LowRankOptimizer
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    """GaLore with AdamW moments. ``eps`` defaults to 1e-6 as in galore-torch."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, maximize=False, **kw):
+        kw.setdefault("inner", "adam")
+        kw.setdefault("residual", "none")
+        kw.setdefault("subspace_change", "keep")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, **kw)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLore with 8-bit blockwise Adam states (tensors under 4096 elements stay fp32)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, **kw):
+        kw.setdefault("state_bits", 8)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kw)
+
+
+class GaLoreAdafactor(LowRankOptimizer):
+    """GaLore with Adafactor (HF semantics: relative step when ``lr`` is None)."""
+
+    def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                 weight_decay=0.0, scale_parameter=True, relative_step=None, warmup_init=False, **kw):
+        if relative_step is None:
+            relative_step = lr is None
+        if lr is not None and relative_step:
+            raise ValueError("GaLoreAdafactor: cannot combine a manual lr with relative_step=True")
+        if warmup_init and not relative_step:
+            raise ValueError("GaLoreAdafactor: warmup_init=True requires relative_step=True")
+        kw.setdefault("residual", "none")
+        kw.setdefault("subspace_change", "keep")
+        super().__init__(params, inner="adafactor", lr=lr, eps=eps, clip_threshold=clip_threshold,
+                         decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
+                         scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init, **kw)

@@ -1,0 +1,129 @@
+"""The projector contract shared by every low-rank method.
+
+A projector object holds configuration only (rank, side, options). Everything that changes during training lives in
+a per-parameter ``state`` dict of tensors and numbers (the optimizer's state), under keys starting with ``proj_``, so
+checkpoints load with ``torch.load(weights_only=True)`` and resume exactly.
+
+Sides, for a 2-D gradient ``G`` of shape (m, n):
+  * ``left``:  basis P (m x r), ``project(G) = P^T G`` (r x n), ``project_back(L) = P L``
+  * ``right``: basis Q (n x r), ``project(G) = G Q`` (m x r),   ``project_back(L) = L Q^T``
+  * ``full``:  both,             ``project(G) = P^T G Q`` (r x r)
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+SIDES = ("left", "right", "full")
+
+
+class ProjectorError(RuntimeError):
+    """A basis refresh failed (e.g. the SVD did not converge); the engine decides what to do."""
+
+
+class Projector:
+    """Base class. Subclasses implement ``refresh`` and either ``basis`` or the index-based fast paths."""
+
+    name = "base"
+    # True when the projector's state is r integer indices into a fixed orthonormal basis (DCT, columns).
+    index_based = False
+
+    def __init__(self, rank: int, side: str, shape: Tuple[int, int], seed: int = 0, **options):
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        self.rank = int(rank)
+        self.side = side
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.seed = int(seed)
+        self.options = options
+
+    # --- to implement -------------------------------------------------------------------------------------------
+    def refresh(self, state: Dict, grad: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Compute a new basis from ``grad`` (fp32, 2-D). Returns the new ``proj_*`` entries WITHOUT mutating
+        ``state`` (the engine commits them only once every parameter's refresh succeeded). May raise
+        ``ProjectorError``."""
+        raise NotImplementedError
+
+    def basis(self, state: Dict, which: str) -> torch.Tensor:
+        """The explicit orthonormal basis for ``which`` in {"left", "right"}: P (m x r) or Q (n x r)."""
+        raise NotImplementedError
+
+    # --- shared behaviour ---------------------------------------------------------------------------------------
+    def project(self, state: Dict, grad: torch.Tensor) -> torch.Tensor:
+        out = grad
+        if self.side in ("left", "full"):
+            out = self.basis(state, "left").t().matmul(out)
+        if self.side in ("right", "full"):
+            out = out.matmul(self.basis(state, "right"))
+        return out
+
+    def project_back(self, state: Dict, low: torch.Tensor) -> torch.Tensor:
+        out = low
+        if self.side in ("left", "full"):
+            out = self.basis(state, "left").matmul(out)
+        if self.side in ("right", "full"):
+            out = out.matmul(self.basis(state, "right").t())
+        return out
+
+    def low_rank_shape(self) -> Tuple[int, int]:
+        m, n = self.shape
+        r = self.rank
+        return {"left": (r, n), "right": (m, r), "full": (r, r)}[self.side]
+
+    def rotation(self, old_state: Dict, new_state: Dict) -> Dict[str, torch.Tensor]:
+        """Change-of-basis matrices ``new^T old`` (r x r) per projected side, to carry moments into a new subspace."""
+        out = {}
+        for which in ("left", "right"):
+            if self.side in (which, "full"):
+                out[which] = self.basis(new_state, which).t().matmul(self.basis(old_state, which))
+        return out
+
+    def state_bytes(self, state: Dict) -> int:
+        return sum(v.numel() * v.element_size() for k, v in state.items()
+                   if k.startswith("proj_") and isinstance(v, torch.Tensor))
+
+    # --- helpers for subclasses ---------------------------------------------------------------------------------
+    def generator(self, state: Dict, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, refresh count): every DDP rank and every resume draws the same numbers."""
+        count = int(state.get("proj_refreshes", 0))
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 1_000_003 + count * 7919 + 12345) % (2 ** 63 - 1))
+        return gen
+
+    def projected_dims(self):
+        """(which, size) for each projected side: left projects dim m, right projects dim n."""
+        m, n = self.shape
+        dims = []
+        if self.side in ("left", "full"):
+            dims.append(("left", m))
+        if self.side in ("right", "full"):
+            dims.append(("right", n))
+        return dims
+
+
+def next_refresh_count(state: Dict) -> Dict[str, int]:
+    return {"proj_refreshes": int(state.get("proj_refreshes", 0)) + 1}
+
+
+def check_finite(name: str, *tensors: Optional[torch.Tensor]) -> None:
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ProjectorError(f"{name} projector produced non-finite values")
+
+
+def orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
+    """Q factor with a deterministic sign (diag(R) >= 0), so equal inputs give equal bases."""
+    q, r = torch.linalg.qr(x)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs
+
+
+def clamp_rank(rank: int, size: int) -> int:
+    return max(1, min(int(rank), int(size)))
+
+
+__all__ = ["Projector", "ProjectorError", "SIDES", "check_finite", "orthonormal_columns", "clamp_rank",
+           "next_refresh_count"]
