@@ -1,0 +1,55 @@
+"""Randomized SVD (Halko, Martinsson & Tropp 2011): an approximate top-r subspace at O(mnk) instead of a full SVD."""
+from __future__ import annotations
+
+import torch
+
+from .base import ProjectorError, check_finite
+from .svd import SVDProjector
+
+
+def _qr(x: torch.Tensor, name: str) -> torch.Tensor:
+    try:
+        return torch.linalg.qr(x).Q
+    except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise ProjectorError(f"{name}: QR failed ({err})") from err
+
+
+def randomized_svd(grad: torch.Tensor, rank: int, oversample: int = 10, power_iters: int = 2,
+                   generator: torch.Generator = None, name: str = "rsvd"):
+    """Approximate top-``rank`` (U, S, Vh) of ``grad``; power iterations sharpen a slowly decaying spectrum."""
+    a = grad.float()
+    m, n = a.shape
+    rank = min(int(rank), m, n)
+    k = min(rank + int(oversample), m, n)
+    omega = torch.randn(n, k, generator=generator, device=a.device, dtype=a.dtype)
+    q = _qr(a.matmul(omega), name)
+    for _ in range(int(power_iters)):
+        # Re-orthonormalise on both sides: plain (A A^T)^q A Omega loses the small directions to round-off.
+        z = _qr(a.t().matmul(q), name)
+        q = _qr(a.matmul(z), name)
+    try:
+        ub, s, vh = torch.linalg.svd(q.t().matmul(a), full_matrices=False)
+    except RuntimeError as err:
+        raise ProjectorError(f"{name}: SVD failed to converge ({err})") from err
+    u = q.matmul(ub[:, :rank])
+    s, vh = s[:rank], vh[:rank]
+    check_finite(name, u, vh)
+    return u, s, vh
+
+
+class RSVDProjector(SVDProjector):
+    """Same stored layout as ``svd`` (proj_left m x r, proj_right n x r); only the factorisation differs."""
+
+    name = "rsvd"
+
+    def __init__(self, rank, side, shape, seed=0, oversample: int = 10, power_iters: int = 2, **options):
+        super().__init__(rank, side, shape, seed, **options)
+        if oversample < 0 or power_iters < 0:
+            raise ValueError("rsvd: oversample and power_iters must be >= 0")
+        self.oversample = int(oversample)
+        self.power_iters = int(power_iters)
+
+    def refresh(self, state, grad):
+        gen = self.generator(state, grad.device)
+        u, _, vh = randomized_svd(grad, self.rank, self.oversample, self.power_iters, gen, self.name)
+        return self._store(state, u, vh)
