@@ -99,6 +99,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         index = len(self.param_groups)
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}  # a generator must survive our look at it
         for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise ValueError(f"param group {index}: complex parameters are not supported "
@@ -187,11 +188,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
                           f"{group['rank']} (or that are not matrices) are trained densely: {small}", stacklevel=3)
 
     # ------------------------------------------------------------------ state_dict
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts floating state to the parameter's dtype on load; ours is deliberately fp32 (or 8-bit codes
-        # with fp32 absmax) whatever the parameter dtype, so only move it to the parameter's device.
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As torch's, except that state tensors keep their dtype (torch casts floating state to the parameter's
+        dtype and even integer index tensors to float): fp32 moments of bf16 weights, 8-bit codes, fp32 absmax and
+        projector indices come back exactly as saved; only the device follows the parameter."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})  # checks the groups, loads their hyper-parameters
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid in saved:
+                self.state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                                 for k, v in saved[pid].items()}
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (moments, bases, indices, 8-bit codes and absmax)."""
@@ -241,7 +249,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _step_items(self, items) -> None:
         """Refresh every due basis first (may raise, nothing changed yet), then update every parameter."""
-        refreshes = {p: self._refresh(gi, group, p) for gi, group, p in items if is_lowrank(group, p)}
+        refreshes = {p: self._refresh(gi, group, p) for gi, group, p in items if self._is_lowrank(group, p)}
         for gi, group, p in items:
             if p in refreshes:
                 self._step_lowrank(group, p, refreshes[p])
@@ -254,15 +262,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
         g = g.to(torch.float32, copy=True)  # a private fp32 copy: the rules work in place
         return g.neg_() if group["maximize"] else g
 
+    def _is_lowrank(self, group: Dict, p: torch.Tensor) -> bool:
+        """Hook: whether ``p`` takes the low-rank path (a preset may decide per parameter, e.g. FRUGAL)."""
+        return is_lowrank(group, p)
+
+    def rank_for(self, group: Dict, p: torch.Tensor) -> int:
+        """Hook: the subspace size for ``p`` (a preset may size it per parameter, e.g. FRUGAL's density)."""
+        return group["rank"]
+
     def projector_for(self, group: Dict, p: torch.Tensor) -> Projector:
         shape = matrix_shape(p)
         options = {k: group[k] for k in PROJECTOR_OPTIONS if k in group}
-        key = (group["projector"], group["rank"], side_for(shape, group["proj_type"]), shape, group["seed"],
+        rank = self.rank_for(group, p)
+        key = (group["projector"], rank, side_for(shape, group["proj_type"]), shape, group["seed"],
                tuple(sorted(options.items())))
         cached = self._projectors.get(p)
         if cached is None or cached[0] != key:
             seed = group["seed"] * 1_000_003 + self._param_index(p)
-            proj = make_projector(group["projector"], group["rank"], key[2], shape, seed=seed, **options)
+            proj = make_projector(group["projector"], rank, key[2], shape, seed=seed, **options)
             cached = self._projectors[p] = (key, proj)
         return cached[1]
 
@@ -276,8 +293,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         raise KeyError("parameter not in optimizer")
 
     def _refresh(self, gi: int, group: Dict, p: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
-        """New basis entries if a refresh is due, else None. Never mutates state."""
-        state = self.state[p]
+        """New basis entries if a refresh is due, else None. Never mutates (nor creates) state."""
+        state = self.state.get(p, {})
         has_basis = int(state.get("proj_refreshes", 0)) > 0
         if has_basis and state.get("step", 0) % group["update_proj_gap"] != 0:
             return None

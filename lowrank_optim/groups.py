@@ -1,0 +1,93 @@
+"""Param groups from a model: low-rank for the targeted Linear / conv weights, dense for everything else."""
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Sequence, Union
+
+import torch
+from torch import nn
+
+TARGETABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Embedding)
+
+
+_REGEX_CHARS = set("^$*+?[](){}|\\")
+
+
+def _matches(name: str, target) -> bool:
+    """A target is a compiled regex, a pattern (``re:PATTERN`` or any string with regex syntax), or a substring."""
+    if isinstance(target, re.Pattern):
+        return target.search(name) is not None
+    if target.startswith("re:"):
+        return re.search(target[3:], name) is not None
+    if _REGEX_CHARS & set(target):
+        return re.search(target, name) is not None
+    return target in name
+
+
+def _is_lm_head(name: str, module: nn.Module, model: nn.Module) -> bool:
+    out = getattr(model, "get_output_embeddings", None)
+    head = out() if callable(out) else None
+    return module is head or name.split(".")[-1] in ("lm_head", "output", "classifier")
+
+
+def target_weights(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("attn", "mlp")) -> Dict[str, nn.Parameter]:
+    """Names -> weights of the Linear/conv modules whose module name matches a target (substring, ``re:regex``,
+    or ``"all-linear"`` for every Linear except the LM head; the head is taken only when named explicitly)."""
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    chosen = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, TARGETABLE) or getattr(module, "weight", None) is None:
+            continue
+        if "all-linear" in targets and isinstance(module, nn.Linear) and not _is_lm_head(name, module, model):
+            chosen[name + ".weight"] = module.weight
+        elif any(_matches(name, t) for t in targets if t != "all-linear"):
+            chosen[name + ".weight"] = module.weight
+    return chosen
+
+
+def _no_decay_ids(model: nn.Module) -> set:
+    ids = set()
+    for module in model.modules():
+        norm_like = isinstance(module, NO_DECAY_TYPES) or "norm" in type(module).__name__.lower()
+        for pname, p in module.named_parameters(recurse=False):
+            if norm_like or pname == "bias" or p.dim() < 2:
+                ids.add(id(p))
+    return ids
+
+
+def lowrank_param_groups(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("attn", "mlp"),
+                         rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+                         no_decay_norms_and_biases: bool = False, weight_decay: float = None,
+                         **group_options) -> List[Dict]:
+    """Param groups: one low-rank group (``rank`` and friends, plus ``group_options`` such as ``projector``), and
+    dense groups for the rest. With ``no_decay_norms_and_biases`` the dense norms/biases get weight_decay 0."""
+    chosen = target_weights(model, target_modules)
+    if not chosen:
+        raise ValueError(f"target_modules {list(target_modules) if not isinstance(target_modules, str) else target_modules!r} "
+                         f"matched no nn.Linear / conv module of the model")
+    lowrank_ids = {id(p) for p in chosen.values()}
+    no_decay = _no_decay_ids(model) if no_decay_norms_and_biases else set()
+    lowrank = {"params": list(chosen.values()), "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+               "proj_type": proj_type, **group_options}
+    dense, dense_no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in lowrank_ids or id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (dense_no_decay if id(p) in no_decay else dense).append(p)
+    groups = [lowrank]
+    if weight_decay is not None:
+        lowrank["weight_decay"] = weight_decay
+    if dense:
+        groups.append({"params": dense} if weight_decay is None else {"params": dense, "weight_decay": weight_decay})
+    if dense_no_decay:
+        groups.append({"params": dense_no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lowrank_parameter_names(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("attn", "mlp")) -> List[str]:
+    return list(target_weights(model, target_modules))
+
+
+__all__ = ["lowrank_param_groups", "target_weights", "lowrank_parameter_names"]
