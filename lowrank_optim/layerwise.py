@@ -58,6 +58,8 @@ class LayerwiseOptimizer:
         if count % self.accumulation_steps:
             return
         self._update(p)
+        # optimizer.step() is never called in this mode; tell LR schedulers that an update did happen.
+        self.optimizer._opt_called = True
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:
