@@ -13,7 +13,7 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis", "galore-torch==1.0", "fira==1.0.2", "bitsandbytes>=0.50", "triton>=3.0"],
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "galore-torch==1.0", "fira==1.0.2", "bitsandbytes>=0.50", "triton>=3.0"],
         "bench": ["transformers>=4.40", "tokenizers", "datasets", "tqdm", "matplotlib", "optuna", "bitsandbytes>=0.50"],
     },
 )

@@ -1,9 +1,21 @@
-"""lowrank_optim: memory-efficient low-rank optimizers for PyTorch on one engine."""
+"""lowrank_optim: memory-efficient low-rank optimizers for PyTorch, all presets of one engine.
+
+    from lowrank_optim import GaLoreAdamW, lowrank_param_groups
+    opt = GaLoreAdamW(lowrank_param_groups(model, ["attn", "mlp"], rank=128), lr=1e-3)
+"""
+from .dct import DCTAdamW
+from .fira import FiraAdamW
+from .frugal import FrugalAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .groups import lowrank_param_groups
+from .layerwise import LayerwiseOptimizer
+from .memory import estimate_state_bytes
 from .optimizer import LowRankOptimizer
 from .projectors import PROJECTORS, make_projector
+from .sst import SSTAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "PROJECTORS", "make_projector",
-           "__version__"]
+__all__ = ["LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "FiraAdamW", "FrugalAdamW",
+           "DCTAdamW", "SSTAdamW", "LayerwiseOptimizer", "lowrank_param_groups", "estimate_state_bytes",
+           "PROJECTORS", "make_projector", "__version__"]

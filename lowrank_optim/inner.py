@@ -36,6 +36,12 @@ class Moment:
             state[key] = torch.zeros_like(like, dtype=dtype)
 
     @staticmethod
+    def expected_bytes(numel: int, bits: int, dtype: torch.dtype) -> int:
+        if bits == 8 and quant.use_8bit(numel):
+            return numel + quant.num_blocks(numel) * 4  # uint8 codes + fp32 absmax per block
+        return numel * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
     def is_quantized(state: Dict, key: str) -> bool:
         return key + "_codes" in state
 
@@ -81,6 +87,10 @@ class Adam:
         for key in self.keys:
             Moment.delete(state, key)
         state.pop("moment_step", None)
+
+    def expected_bytes(self, shape, group: Dict) -> int:
+        numel = math.prod(shape)
+        return 2 * Moment.expected_bytes(numel, group["state_bits"], DTYPES[group["state_dtype"]])
 
     def update(self, state: Dict, grad: torch.Tensor, group: Dict, param: torch.Tensor, eps_style: str,
                col_norm_dim: Optional[int] = None) -> Direction:
@@ -147,6 +157,13 @@ class Adafactor:
         for key in self.keys:
             Moment.delete(state, key)
         state.pop("moment_step", None)
+
+    def expected_bytes(self, shape, group: Dict) -> int:
+        numel, dtype = math.prod(shape), DTYPES[group["state_dtype"]]
+        total = Moment.expected_bytes(numel, group["state_bits"], dtype) if group["beta1"] is not None else 0
+        if len(shape) >= 2:
+            return total + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        return total + Moment.expected_bytes(numel, group["state_bits"], dtype)
 
     @staticmethod
     def _rms(x: torch.Tensor) -> torch.Tensor:

@@ -206,6 +206,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
                    if isinstance(v, torch.Tensor))
 
+    def expected_state_bytes(self) -> int:
+        """What ``state_bytes()`` will report once every parameter has stepped, from shapes alone (works on
+        meta-device parameters: nothing is allocated). See ``lowrank_optim.memory.estimate_state_bytes``."""
+        return sum(self._expected_param_bytes(group, p) for group in self.param_groups for p in group["params"]
+                   if p.requires_grad)
+
+    def _expected_param_bytes(self, group: Dict, p: torch.Tensor) -> int:
+        rule = INNER_RULES[group["inner"]]
+        if not is_lowrank(group, p):
+            return rule.expected_bytes(tuple(p.shape), group)
+        proj = self.projector_for(group, p)
+        fira = 4 if group["residual"] == "fira" else 0  # the limiter's previous norm, an fp32 scalar
+        return proj.expected_state_bytes() + rule.expected_bytes(proj.low_rank_shape(), group) + fira
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .inner import DTYPES, INNER_RULES, Direction
-from .optimizer import LowRankOptimizer, matrix_shape
+from .optimizer import LowRankOptimizer, is_lowrank, matrix_shape
 from .projectors import ProjectorError, sst_sample
 from .projectors.svd import truncated_svd
 
@@ -120,7 +120,7 @@ class SSTAdamW(LowRankOptimizer):
 
     def _refresh(self, gi: int, group: Dict, p: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
         """New factors (first step, or every ``sst_round`` draws) and a new sample S. Never mutates state."""
-        state = self.state[p]
+        state = self.state.get(p, {})
         started = "sst_U" in state
         if started and state.get("step", 0) % group["update_proj_gap"] != 0:
             return None
@@ -153,6 +153,17 @@ class SSTAdamW(LowRankOptimizer):
         dtype = DTYPES[group["factor_dtype"]]
         return {"sst_U": u.to(dtype).contiguous(), "sst_sigma": s.to(dtype), "sst_V": vh.t().to(dtype).contiguous(),
                 "sst_svds": int(state.get("sst_svds", 0)) + 1}
+
+    def _expected_param_bytes(self, group: Dict, p: torch.Tensor) -> int:
+        if not is_lowrank(group, p):
+            return super()._expected_param_bytes(group, p)
+        (m, n), r = matrix_shape(p), group["rank"]
+        k = min(m, n)
+        factor = torch.empty((), dtype=DTYPES[group["factor_dtype"]]).element_size()
+        adam = INNER_RULES["adam"]
+        return ((m + n + 1) * k * factor + r * 8  # U, sigma, V and the sampled indices
+                + adam.expected_bytes((k,), group) + adam.expected_bytes((m, r), group)
+                + adam.expected_bytes((n, r), group))
 
     # ------------------------------------------------------------------ step
     @staticmethod

@@ -80,6 +80,13 @@ class Projector:
                 out[which] = self.basis(new_state, which).t().matmul(self.basis(old_state, which))
         return out
 
+    def expected_state_bytes(self) -> int:
+        """Bytes ``refresh`` stores, from the configuration alone (for the estimator before training):
+        int64 indices for index-based projectors, fp32 basis matrices otherwise (random overrides: none)."""
+        if self.index_based:
+            return sum(min(self.rank, size) * 8 for _, size in self.projected_dims())
+        return sum(min(self.rank, *self.shape) * size * 4 for _, size in self.projected_dims())
+
     def state_bytes(self, state: Dict) -> int:
         return sum(v.numel() * v.element_size() for k, v in state.items()
                    if k.startswith("proj_") and isinstance(v, torch.Tensor))

@@ -1,0 +1,4 @@
+"""Pretraining benchmark for lowrank_optim: LLaMA configs, data pipeline, optimizer factory, training loop.
+
+Run `python -m benchmarks.pretrain --help`.
+"""

@@ -1,0 +1,66 @@
+"""Optimizer-state memory before training: ``estimate_state_bytes`` builds the optimizer on the model's parameters
+(a meta-device model works: nothing is allocated, no step is run) and sums each part's own byte formula — the
+inner rule's moments (fp32 / bf16 / 8-bit codes + absmax), the projector's basis or indices, the residual rule's
+scalars. ``optimizer.state_bytes()`` measures the real state; the two agree exactly (tested).
+
+Not counted by either: the DCT basis cache (one d x d matrix per distinct size and device, shared by every
+weight) and per-step temporaries (the fp32 gradient copy, the projected gradient)."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Sequence, Type, Union
+
+import torch
+from torch import nn
+
+from .groups import lowrank_param_groups
+
+# name -> (module, class); looked up lazily so a preset's import error names itself
+OPTIMIZERS = {
+    "adamw": ("lowrank_optim.optimizer", "LowRankOptimizer"),
+    "galore": ("lowrank_optim.galore", "GaLoreAdamW"),
+    "galore8bit": ("lowrank_optim.galore", "GaLoreAdamW8bit"),
+    "galore_adafactor": ("lowrank_optim.galore", "GaLoreAdafactor"),
+    "fira": ("lowrank_optim.fira", "FiraAdamW"),
+    "frugal": ("lowrank_optim.frugal", "FrugalAdamW"),
+    "dct": ("lowrank_optim.dct", "DCTAdamW"),
+    "sst": ("lowrank_optim.sst", "SSTAdamW"),
+}
+_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "no_decay_norms_and_biases")
+
+
+def optimizer_class(name: Union[str, Type[torch.optim.Optimizer]]) -> Type[torch.optim.Optimizer]:
+    if not isinstance(name, str):
+        return name
+    try:
+        module, cls = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def build(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = ("attn", "mlp"), **kwargs):
+    """The optimizer ``estimate_state_bytes`` measures: low-rank group for ``target_modules`` (except for
+    ``adamw``), every other keyword as an optimizer default (so ``state_bits=8`` also covers dense groups)."""
+    cls = optimizer_class(optimizer)
+    group_kw = {k: kwargs.pop(k) for k in _GROUP_KEYS if k in kwargs}
+    if optimizer == "adamw":
+        return cls(model.parameters(), **kwargs)
+    accepted = inspect.signature(lowrank_param_groups).parameters
+    groups = lowrank_param_groups(model, target_modules, **{k: v for k, v in group_kw.items() if k in accepted})
+    return cls(groups, **kwargs)
+
+
+def estimate_state_bytes(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = ("attn", "mlp"),
+                         **kwargs) -> int:
+    """Bytes of optimizer state once every parameter has taken a step. ``kwargs``: rank, update_proj_gap, scale,
+    proj_type and any option of the chosen optimizer (projector, state_bits, state_dtype, density, ...)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "trained densely" notes are for training, not for estimates
+        return build(model, optimizer, target_modules, **kwargs).expected_state_bytes()
+
+
+__all__ = ["estimate_state_bytes", "build", "optimizer_class", "OPTIMIZERS"]
