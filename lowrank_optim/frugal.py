@@ -199,9 +199,9 @@ class FrugalAdamW(LowRankOptimizer):
         state["step"] = state.get("step", 0) + 1
         kind = group["inactive_update"]
         if kind == "none":
-            G.zero_()  # weight decay only
+            G = torch.zeros_like(G)  # weight decay only
         elif kind == "signsgd":
-            G.sign_()
+            G = G.sign()  # not in place: G may be the parameter's own .grad
         self._apply(p, group, G, group["lr"] * group["inactive_lr_scale"], group["lr"], None)
 
 

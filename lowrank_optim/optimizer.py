@@ -214,7 +214,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _expected_param_bytes(self, group: Dict, p: torch.Tensor) -> int:
         rule = INNER_RULES[group["inner"]]
-        if not is_lowrank(group, p):
+        if not self._is_lowrank(group, p):
             return rule.expected_bytes(tuple(p.shape), group)
         proj = self.projector_for(group, p)
         fira = 4 if group["residual"] == "fira" else 0  # the limiter's previous norm, an fp32 scalar
@@ -272,9 +272,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ parts
     def _grad(self, p: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
+        """The fp32 gradient (as a matrix for low-rank parameters). Read-only: for fp32 parameters it is ``.grad``
+        itself, so no rule may modify it in place."""
         g = p.grad.reshape(matrix_shape(p)) if matrix else p.grad
-        g = g.to(torch.float32, copy=True)  # a private fp32 copy: the rules work in place
-        return g.neg_() if group["maximize"] else g
+        if g.dtype != torch.float32:
+            g = g.float()
+        return -g if group["maximize"] else g
 
     def _is_lowrank(self, group: Dict, p: torch.Tensor) -> bool:
         """Hook: whether ``p`` takes the low-rank path (a preset may decide per parameter, e.g. FRUGAL)."""

@@ -17,7 +17,7 @@ from benchmarks.model import load_config  # noqa: E402
 CASES = ([("galore", p, 32) for p in ("svd", "rsvd", "random", "dct", "columns", "sst")]
          + [(m, "svd", b) for m in ("adamw", "galore", "galore_adafactor", "fira", "frugal", "dct", "sst")
             for b in (32, 8) if (m, b) != ("galore", 32)]
-         + [("frugal", "columns", 32), ("fira", "dct", 8), ("galore", "dct", 8)])
+         + [("frugal", "columns", 32), ("frugal-density", "columns", 8), ("fira", "dct", 8), ("galore", "dct", 8)])
 
 
 def _llama(layers, device=None, vocab=2048):
@@ -32,6 +32,8 @@ def _llama(layers, device=None, vocab=2048):
 
 
 def _kwargs(method, projector, bits):
+    if method == "frugal-density":  # per-weight rank from rho
+        return dict(rank=128, density=0.25, update_proj_gap=10, state_bits=bits, projector=projector)
     kw = dict(rank=128, update_proj_gap=10, state_bits=bits)
     if method != "sst" and method != "adamw":
         kw["projector"] = projector
@@ -42,6 +44,7 @@ def _kwargs(method, projector, bits):
 def test_estimate_equals_measured_on_llama60m_shapes(method, projector, bits):
     model = _llama(1)
     kw = _kwargs(method, projector, bits)
+    method = method.split("-")[0]
     estimate = estimate_state_bytes(_llama(1, "meta"), method, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
