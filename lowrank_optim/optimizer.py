@@ -346,10 +346,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         R = proj.project(state, G)
         norm_dim = fira_norm_dim(proj.side) if group["residual"] == "fira" else None
         d = INNER_RULES[group["inner"]].update(state, R, group, p, eps_style="galore", col_norm_dim=norm_dim)
-        U = proj.project_back(state, d.direction)
         extra = RESIDUAL_RULES[group["residual"]](G, R, d, proj, state, group)
         state["step"] = state.get("step", 0) + 1
-        self._apply(p, group, U, d.step_size * group["scale"], d.decay_lr, extra)
+        step_size = d.step_size * group["scale"]
+        if p.is_contiguous() and d.decay_lr > 0 and proj.fused_apply(
+                state, d.direction, p.view(G.shape), d.decay_lr, group["weight_decay"], step_size / d.decay_lr, extra):
+            return  # one Triton pass: project back, decay, update (CUDA)
+        self._apply(p, group, proj.project_back(state, d.direction), step_size, d.decay_lr, extra)
 
     def _step_dense(self, group: Dict, p: torch.Tensor) -> None:
         state = self.state[p]

@@ -110,6 +110,11 @@ def get_backend() -> str:
     return _BACKEND
 
 
+def kernels_for(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle ``t`` under the current backend (CUDA by default, or forced)."""
+    return _use_triton(t)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda):
         return False  # decided without importing triton

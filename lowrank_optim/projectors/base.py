@@ -67,6 +67,20 @@ class Projector:
             out = out.matmul(self.basis(state, "right").t())
         return out
 
+    def fused_apply(self, state: Dict, low: torch.Tensor, W: torch.Tensor, lr: float, weight_decay: float,
+                    scale: float, extra: Optional[torch.Tensor]) -> bool:
+        """``W <- W (1 - lr wd) - lr (scale * project_back(low) + extra)`` in one Triton pass that reads and writes
+        W once, when the kernels handle W (CUDA, or a forced backend). Returns False when it did nothing."""
+        from .. import quant
+
+        if self.side == "full" or not quant.kernels_for(W):
+            return False
+        from triton_kernels.projection import project_back_apply_dense_triton
+
+        project_back_apply_dense_triton(W, low, self.basis(state, self.side), self.side, lr, weight_decay, scale,
+                                        residual=extra, residual_coef=1.0)
+        return True
+
     def low_rank_shape(self) -> Tuple[int, int]:
         m, n = self.shape
         r = self.rank
