@@ -112,7 +112,8 @@ class Adam:
             if m.dtype == torch.float32:
                 m.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                direction = m / v.sqrt().add_(eps)
+                denom = v.sqrt().add_(eps)
+                direction = torch.div(m, denom, out=denom)  # reuse the buffer: one allocation per step
             else:  # low-precision moments: do the math in fp32, store rounded
                 m32 = m.float().mul_(beta1).add_(grad, alpha=1 - beta1)
                 v32 = v.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
