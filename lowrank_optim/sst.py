@@ -68,8 +68,11 @@ class SSTAdamW(LowRankOptimizer):
           resets the sampled vectors' moments (new vectors start fresh); a re-SVD also resets sigma's, since the
           singular values it returns are re-sorted and re-based. ``state_bits=8`` stores every moment set that is
           large enough (>= 4096 entries) in 8 bits.
-        * The engine's ``scale``, ``proj_type`` and ``subspace_change`` do not apply; ``inner`` must be "adam",
-          ``residual`` "none" and ``projector`` "sst" (used only for its seeded sampling generator).
+        * The engine's ``scale``, ``proj_type`` and ``subspace_change`` do not apply; ``inner`` must be "adam" and
+          ``residual`` "none". The ``projector`` chooses WHICH r singular pairs are trained at each resampling:
+          "sst" (default) samples by the rule above; "svd"/"rsvd" take the r largest sigma; "random"/"columns"
+          draw r pairs uniformly; "dct" takes the r pairs best aligned with the gradient, |u_i^T G v_i| (the
+          analogue of DCT's selection in W's own singular basis). Draws use the seeded generator.
 
     Memory per targeted m x n weight (k = min(m, n)), in elements:
         factors  (m + n + 1) k        U, V, sigma in ``factor_dtype`` -- more than the dense W itself (m n)
@@ -106,7 +109,6 @@ class SSTAdamW(LowRankOptimizer):
              "must be a number in [0, 1]"),
             ("inner", g["inner"] == "adam", "SSTAdamW uses Adam moments"),
             ("residual", g["residual"] == "none", "SST has no residual"),
-            ("projector", g["projector"] == "sst", "SST samples with the sst projector"),
         )
         for key, ok, why in checks:
             if not ok:
@@ -136,12 +138,25 @@ class SSTAdamW(LowRankOptimizer):
                                        f"({err}); no parameter was updated") from err
                 warnings.warn(f"param group {gi}: re-SVD failed for a parameter of shape {tuple(p.shape)} ({err}); "
                               f"keeping the current factors")
-        sigma = new.get("sst_sigma", state.get("sst_sigma"))
-        proj = self.projector_for(group, p)  # seeded from (seed, parameter index) and the draw count
-        new["sst_idx"] = sst_sample(sigma.float(), group["rank"], proj.sst_weight,
-                                    proj.generator(state, sigma.device))
+        factors = {k: new.get(k, state.get(k)) for k in ("sst_U", "sst_sigma", "sst_V")}
+        new["sst_idx"] = self._select(group, p, state, factors)
         new["proj_refreshes"] = draws + 1
         return new
+
+    def _select(self, group: Dict, p: torch.Tensor, state: Dict, factors: Dict) -> torch.Tensor:
+        """The r singular pairs to train next, by the group's projector (see the class docstring)."""
+        sigma, r, name = factors["sst_sigma"].float(), group["rank"], group["projector"]
+        gen = self.projector_for(group, p).generator(state, torch.device("cpu"))  # (seed, param, draw count)
+        if name == "sst":
+            return sst_sample(sigma.cpu(), r, group["sst_weight"], gen).to(sigma.device)
+        if name in ("svd", "rsvd"):
+            score = sigma
+        elif name == "dct":
+            U, V = factors["sst_U"].float(), factors["sst_V"].float()
+            score = spectral_grads(self._grad(p, group, matrix=True), U, V, sigma.new_zeros(0).long())[0].abs()
+        else:  # random, columns: uniform
+            return torch.randperm(sigma.numel(), generator=gen)[:r].sort().values.to(sigma.device)
+        return torch.topk(score, r).indices.sort().values
 
     @staticmethod
     def _factorise(p: torch.Tensor, state: Dict, group: Dict) -> Dict:

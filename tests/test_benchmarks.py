@@ -218,10 +218,30 @@ def test_missing_lowrank_package_is_a_clear_error(monkeypatch, data_dir, tmp_pat
 
 @pytest.mark.parametrize("extra", [[], ["--layerwise"]])
 def test_lowrank_galore_smoke(data_dir, tmp_path, extra):
-    lowrank_optim = pytest.importorskip("lowrank_optim")
-    if not hasattr(lowrank_optim, "lowrank_param_groups"):
-        pytest.skip("lowrank_optim does not export lowrank_param_groups yet")
     s = main(micro_argv(data_dir, tmp_path, "run", "--optimizer", "galore", "--rank", "8", "--update-proj-gap", "2",
                         "--max-steps", "4", *extra))
     assert s["layerwise"] == bool(extra) and 1 < s["eval_ppl"] < 2000
     assert 0 < s["state_bytes"] < 8 * s["num_params"]  # less than AdamW's two fp32 moments
+
+
+@pytest.mark.parametrize("optimizer", ["adam8bit", "galore8bit", "galore_adafactor", "fira", "frugal", "dct", "sst",
+                                       "fira_ref"])
+def test_every_optimizer_runs_through_pretrain(data_dir, tmp_path, optimizer):
+    if optimizer == "fira_ref":
+        pytest.importorskip("fira")
+    s = main(micro_argv(data_dir, tmp_path, "run", "--optimizer", optimizer, "--rank", "8", "--update-proj-gap", "2",
+                        "--max-steps", "3"))
+    assert 1 < s["eval_ppl"] < 2000 and s["state_bytes"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "fira", "frugal", "dct", "sst", "galore8bit"])
+def test_resume_is_bitwise_exact_for_our_optimizers(data_dir, tmp_path, optimizer):
+    common = ["--max-steps", "5", "--save-every", "3", "--keep-checkpoints", "5", "--optimizer", optimizer,
+              "--rank", "8", "--update-proj-gap", "2"]
+    main(micro_argv(data_dir, tmp_path, "full", *common))
+    half = tmp_path / "half"
+    os.makedirs(half / "checkpoints")
+    shutil.copy(tmp_path / "full" / "checkpoints" / "step_00000003.pt", half / "checkpoints")
+    main(micro_argv(data_dir, tmp_path, "half", *common, "--resume", "auto"))
+    a, b = _final_params(tmp_path / "full"), _final_params(half)
+    assert all(torch.equal(a[k], b[k]) for k in a)

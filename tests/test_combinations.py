@@ -9,6 +9,7 @@ from lowrank_optim.dct import DCTAdamW
 from lowrank_optim.fira import FiraAdamW
 from lowrank_optim.frugal import FrugalAdamW
 from lowrank_optim.galore import GaLoreAdafactor, GaLoreAdamW
+from lowrank_optim.sst import SSTAdamW
 
 PROJECTORS = ("svd", "rsvd", "random", "dct", "columns", "sst")
 METHODS = {
@@ -17,6 +18,7 @@ METHODS = {
     "fira": (FiraAdamW, {"rank": 4}),
     "frugal": (FrugalAdamW, {"density": 0.25}),
     "dct_adamw": (DCTAdamW, {"rank": 4}),
+    "sst": (SSTAdamW, {"rank": 4}),
 }
 CASES = [(m, p) for m in METHODS for p in PROJECTORS] + [("frugal", "blocks")]
 

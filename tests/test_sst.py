@@ -291,7 +291,7 @@ def test_conv_weight_and_small_matrices():
 
 
 @pytest.mark.parametrize("bad", [dict(sst_round=0), dict(factor_dtype="float64"), dict(inner="adafactor"),
-                                 dict(residual="fira"), dict(projector="svd"), dict(sst_weight=1.5)])
+                                 dict(residual="fira"), dict(projector="wavelet"), dict(sst_weight=1.5)])
 def test_invalid_options(bad):
     W = torch.nn.Parameter(torch.randn(24, 16))
     with pytest.raises(ValueError):
@@ -332,3 +332,29 @@ def test_svd_failure(monkeypatch):
         opt.step()  # a later re-SVD failure keeps the factors and still resamples
     st = opt.state[W]
     assert st["sst_svds"] == 1 and st["proj_refreshes"] == 2 and st["step"] == 2
+
+
+@pytest.mark.parametrize("projector", ["sst", "svd", "rsvd", "random", "columns", "dct"])
+def test_every_projector_chooses_the_trained_pairs(projector):
+    """The projector is SST's pair-selection rule: top sigma (svd/rsvd), the pairs most aligned with the gradient
+    (dct: |u_i^T G v_i|), uniform (random/columns) or the SST multinomial."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 16))
+    opt = SSTAdamW([{"params": [w], "rank": 4, "update_proj_gap": 3, "projector": projector}], lr=1e-2)
+    G = torch.randn(24, 16)
+    w.grad = G.clone()
+    U, s, Vh = torch.linalg.svd(w.detach(), full_matrices=False)
+    opt.step()
+    idx = opt.state[w]["sst_idx"]
+    assert idx.numel() == 4 and idx.unique().numel() == 4
+    if projector in ("svd", "rsvd"):
+        assert idx.tolist() == [0, 1, 2, 3]  # singular values come sorted
+    if projector == "dct":
+        aligned = ((U.t() @ G) * Vh).sum(1).abs()
+        assert idx.tolist() == sorted(torch.topk(aligned, 4).indices.tolist())
+    for _ in range(5):
+        w.grad = torch.randn(24, 16)
+        opt.step()
+    st = opt.state[w]
+    rebuilt = (st["sst_U"] * st["sst_sigma"]) @ st["sst_V"].t()
+    assert torch.allclose(w.detach(), rebuilt, atol=1e-5)
