@@ -192,7 +192,7 @@ class FrugalAdamW(LowRankOptimizer):
         state = self.state[p]
         G = self._grad(p, group, matrix=False)
         if mode == "active":
-            d = INNER_RULES[group["inner"]].update(state, G, group, p, eps_style="torch")
+            d = INNER_RULES[group["inner"]].update(state, G, group, p, eps_style=group["eps_style"] or "torch")
             state["step"] = state.get("step", 0) + 1
             self._apply(p, group, d.direction, d.step_size * group["scale"], d.decay_lr, None)
             return

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from . import quant
 from .inner import DTYPES, INNER_RULES
 from .projectors import PROJECTORS, Projector, ProjectorError, make_projector
 from .residual import RESIDUAL_RULES, fira_norm_dim
@@ -32,6 +33,10 @@ PROJECTOR_OPTIONS = ("oversample", "power_iters", "dct_norm", "dct_impl", "selec
 
 DEFAULTS: Dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False, correct_bias=True,
+    # where Adam's eps goes: "torch" (torch.optim.AdamW: eps added to the bias-corrected sqrt(v)) or "galore"
+    # (galore-torch / fira / HF: eps added to sqrt(v), then bias correction); None = torch for dense groups and
+    # galore for low-rank ones, so both match their references. "galore" everywhere reproduces galore-torch runs.
+    eps_style=None,
     # low-rank groups (those with a ``rank`` key)
     update_proj_gap=200, scale=0.25, proj_type="std", projector="svd", seed=0, subspace_change="keep",
     # parts
@@ -145,6 +150,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 bad("betas", "must be a pair of numbers in [0, 1)")
         if not real(g["weight_decay"]) or g["weight_decay"] < 0:
             bad("weight_decay", "must be a number >= 0")
+        if g["eps_style"] not in (None, "torch", "galore"):
+            bad("eps_style", [None, "torch", "galore"])
         if g["residual"] not in RESIDUAL_RULES:
             bad("residual", sorted(RESIDUAL_RULES))
         if g["state_bits"] not in (8, 32):
@@ -346,19 +353,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._on_subspace_change(group, state, proj, old)
         R = proj.project(state, G)
         norm_dim = fira_norm_dim(proj.side) if group["residual"] == "fira" else None
-        d = INNER_RULES[group["inner"]].update(state, R, group, p, eps_style="galore", col_norm_dim=norm_dim)
-        extra = RESIDUAL_RULES[group["residual"]](G, R, d, proj, state, group)
+        d = INNER_RULES[group["inner"]].update(state, R, group, p, eps_style=group["eps_style"] or "galore",
+                                               col_norm_dim=norm_dim)
+        rule = RESIDUAL_RULES[group["residual"]]
+        extra = rule(G, R, d, proj, state, group)
+        joins = extra is not None and getattr(rule, "joins_update", False)
         state["step"] = state.get("step", 0) + 1
-        step_size = d.step_size * group["scale"]
-        if p.is_contiguous() and d.decay_lr > 0 and proj.fused_apply(
-                state, d.direction, p.view(G.shape), d.decay_lr, group["weight_decay"], step_size / d.decay_lr, extra):
-            return  # one Triton pass: project back, decay, update (CUDA)
-        self._apply(p, group, proj.project_back(state, d.direction), step_size, d.decay_lr, extra)
+        lr, scale = d.decay_lr, group["scale"]
+        if quant.kernels_for(p) and p.is_contiguous() and lr > 0:
+            # one Triton pass: project back, decay, update; the kernel takes the residual in units of lr
+            term = extra.mul_(d.step_size / lr) if joins else extra
+            if proj.fused_apply(state, d.direction, p.view(G.shape), lr, group["weight_decay"],
+                                d.step_size * scale / lr, term):
+                return
+            extra = extra.div_(d.step_size / lr) if joins else extra
+        U = proj.project_back(state, d.direction)
+        if scale != 1.0:
+            U.mul_(scale)  # scaled before the step, in this order, as galore-torch / fira do (bitwise parity)
+        if joins:  # Fira: one update tensor, one bias-corrected step
+            U.add_(extra)
+            extra = None
+        self._apply(p, group, U, d.step_size, lr, extra)
 
     def _step_dense(self, group: Dict, p: torch.Tensor) -> None:
         state = self.state[p]
         d = INNER_RULES[group["inner"]].update(state, self._grad(p, group, matrix=False), group, p,
-                                               eps_style="torch")
+                                               eps_style=group["eps_style"] or "torch")
         state["step"] = state.get("step", 0) + 1
         self._apply(p, group, d.direction, d.step_size, d.decay_lr, None)
 

@@ -1,7 +1,8 @@
 """Residual rules: what happens to the part of the gradient outside the low-rank subspace.
 
-A rule returns a full-size tensor ``T`` (or None) and the engine applies ``W -= lr * T`` next to the low-rank
-update. ``none`` is GaLore (the residual is dropped), ``fira`` scales it by the low-rank update's per-column norm
+A rule returns a full-size tensor ``T`` (or None). A rule marked ``joins_update`` (Fira) has ``T`` added to the
+scaled low-rank update before the bias-corrected step, as its reference does; otherwise the engine applies
+``W -= lr * T`` as a separate state-free step (FRUGAL). ``none`` is GaLore (the residual is dropped), ``fira`` scales it by the low-rank update's per-column norm
 ratio and limits its growth, ``frugal`` applies a state-free signSGD / SGD step to it.
 """
 from __future__ import annotations
@@ -52,8 +53,10 @@ def fira_rule(G, R, d: Direction, proj, state, group) -> torch.Tensor:
         S.div_(limiter)
         norm = norm / limiter
     state["fira_prev_norm"] = norm.detach().reshape(())
-    # Fira multiplies the residual by the same bias-corrected step size as the low-rank update.
-    return S.mul_(d.bias_factor)
+    return S
+
+
+fira_rule.joins_update = True  # S takes the same bias-corrected step as the low-rank update
 
 
 def frugal_rule(G, R, d: Direction, proj, state, group) -> Optional[torch.Tensor]:

@@ -190,7 +190,7 @@ class SSTAdamW(LowRankOptimizer):
     def _adam(state: Dict, prefix: str, grad: torch.Tensor, group: Dict, p: torch.Tensor) -> Direction:
         """The engine's Adam rule (fp32 / low-precision / 8-bit) on one prefixed moment set."""
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        d = INNER_RULES["adam"].update(sub, grad, group, p, eps_style="torch")
+        d = INNER_RULES["adam"].update(sub, grad, group, p, eps_style=group["eps_style"] or "torch")
         state.update({prefix + k: v for k, v in sub.items()})
         return d
 

@@ -66,3 +66,40 @@ def test_refreshes_happen_on_schedule():
         w.grad = torch.randn_like(w)
         opt.step()
     assert opt.state[w]["proj_refreshes"] == 3
+
+
+@pytest.mark.parametrize("reference", ["galore_torch", "fira"])
+def test_whole_llama_training_equals_the_reference_with_galore_eps(reference):
+    """A whole LLaMA (embeddings, norms, head dense; attention and MLP low-rank), real loss, 3 refreshes:
+    with ``eps_style="galore"`` (the references' eps placement for every group) the parameters are bitwise equal."""
+    ref_pkg = pytest.importorskip(reference)
+    transformers = pytest.importorskip("transformers")
+    from benchmarks.model import load_config
+    from lowrank_optim import FiraAdamW, lowrank_param_groups
+
+    config = load_config("llama_micro")
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, config.vocab_size, (2, 16), generator=gen) for _ in range(25)]
+
+    def train(make, key):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        groups = lowrank_param_groups(model, ["attn", "mlp"], rank=8, update_proj_gap=10, scale=0.25)
+        groups[0][key] = groups[0].pop("scale")
+        opt = make(groups)
+        for x in data:
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()]
+
+    if reference == "fira":
+        ref = train(lambda g: ref_pkg.FiraAdamW(g, lr=1e-2), "alpha")
+        ours = train(lambda g: FiraAdamW(g, lr=1e-2, eps_style="galore"), "alpha")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = train(lambda g: ref_pkg.GaLoreAdamW(g, lr=1e-2), "scale")
+        ours = train(lambda g: GaLoreAdamW(g, lr=1e-2, eps_style="galore"), "scale")
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
