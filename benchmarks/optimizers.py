@@ -103,7 +103,15 @@ def _routed_kwargs(name, cls, args):
         return extra, {}
     kwargs = {**lowrank_kwargs(args), **extra} if name in LOWRANK else extra
     named, _ = _params_of(cls)
+    if name in LOWRANK:  # our engine's whole-optimizer options (eps_style, state_dtype, ...) cover every group
+        from lowrank_optim.optimizer import DEFAULTS
+
+        named = named | {k for k in extra if k in DEFAULTS and k not in _GROUP_ONLY}
     return ({k: v for k, v in kwargs.items() if k in named}, {k: v for k, v in kwargs.items() if k not in named})
+
+
+# options that only mean something on the low-rank group
+_GROUP_ONLY = {"rank", "update_proj_gap", "scale", "proj_type", "projector", "density"}
 
 
 def _import_lowrank(name):
