@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
-import torch
 from torch import nn
 
 TARGETABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -13,10 +13,9 @@ parameter changes, so a bad gradient or a failed SVD never leaves half the model
 """
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 

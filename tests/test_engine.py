@@ -1,6 +1,5 @@
 """The engine: dense groups equal torch AdamW, shapes and sides, dtype policy, bad input, all-or-nothing steps."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """FrugalAdamW: an independent in-test reference of the update rule, the rho = 1 / rho = 0 limits, blocks."""
-import copy
 import io
 import math
 

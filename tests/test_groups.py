@@ -2,7 +2,6 @@
 import re
 
 import pytest
-import torch
 
 from helpers import TinyNet
 from lowrank_optim.groups import lowrank_param_groups, lowrank_parameter_names

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import TinyNet, batches, loss_of, params_of, train
+from helpers import TinyNet, batches, loss_of, params_of
 from lowrank_optim import GaLoreAdamW
 from lowrank_optim.groups import lowrank_param_groups
 from lowrank_optim.layerwise import LayerwiseOptimizer
@@ -91,7 +91,7 @@ def test_layerwise_checkpoint_resume():
 
 def test_per_parameter_clipping_and_nonfinite_skip():
     model, opt = _setup()
-    lw = LayerwiseOptimizer(opt, clip_grad_norm=0.5)
+    LayerwiseOptimizer(opt, clip_grad_norm=0.5)  # lives on through the hooks it registers
     before = params_of(model)
     model.attn.weight.register_hook(lambda g: g * float("nan"))
     with pytest.warns(UserWarning, match="non-finite gradient"):

@@ -11,7 +11,6 @@ Sides, for a 2-D gradient ``G`` of shape (m, n):
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
