@@ -16,11 +16,26 @@ class GaLoreAdamW(LowRankOptimizer):
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
-    """GaLore with 8-bit blockwise Adam states (tensors under 4096 elements stay fp32)."""
+    """GaLore with 8-bit blockwise Adam states (tensors under ``min_8bit_size`` elements stay fp32).
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, **kw):
+    Takes galore-torch's ``GaLoreAdamW8bit`` signature and defaults (those of bitsandbytes' AdamW8bit: eps 1e-8,
+    weight decay 1e-2, eps added to the bias-corrected sqrt(v)). bitsandbytes-only features raise a clear error
+    instead of being silently ignored: AMSGrad, percentile clipping, non-blockwise quantization, paged states."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                 is_paged=False, **kw):
+        unsupported = {"amsgrad": (amsgrad, False), "percentile_clipping": (percentile_clipping, 100),
+                       "block_wise": (block_wise, True), "is_paged": (is_paged, False), "args": (args, None)}
+        for name, (value, only) in unsupported.items():
+            if value != only:
+                raise ValueError(f"GaLoreAdamW8bit: {name}={value!r} is a bitsandbytes feature not supported here "
+                                 f"(only {only!r})")
+        # optim_bits is accepted for signature compatibility: like galore-torch, this class is always 8-bit.
         kw.setdefault("state_bits", 8)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kw)
+        kw.setdefault("eps_style", "torch")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         min_8bit_size=min_8bit_size, **kw)
 
 
 class GaLoreAdafactor(LowRankOptimizer):

@@ -28,18 +28,18 @@ class Moment:
     """One moment tensor stored either plainly (fp32/bf16/fp16) or as 8-bit codes + per-block absmax."""
 
     @staticmethod
-    def create(state: Dict, key: str, like: torch.Tensor, bits: int, dtype: torch.dtype, signed: bool):
-        if bits == 8 and quant.use_8bit(like.numel()):
+    def create(state: Dict, key: str, like: torch.Tensor, group: Dict, signed: bool):
+        if group["state_bits"] == 8 and quant.use_8bit(like.numel(), group["min_8bit_size"]):
             state[key + "_codes"], state[key + "_absmax"] = quant.quantize_blockwise(
                 torch.zeros_like(like, dtype=torch.float32), signed=signed)
         else:
-            state[key] = torch.zeros_like(like, dtype=dtype)
+            state[key] = torch.zeros_like(like, dtype=DTYPES[group["state_dtype"]])
 
     @staticmethod
-    def expected_bytes(numel: int, bits: int, dtype: torch.dtype) -> int:
-        if bits == 8 and quant.use_8bit(numel):
+    def expected_bytes(numel: int, group: Dict) -> int:
+        if group["state_bits"] == 8 and quant.use_8bit(numel, group["min_8bit_size"]):
             return numel + quant.num_blocks(numel) * 4  # uint8 codes + fp32 absmax per block
-        return numel * torch.empty((), dtype=dtype).element_size()
+        return numel * torch.empty((), dtype=DTYPES[group["state_dtype"]]).element_size()
 
     @staticmethod
     def is_quantized(state: Dict, key: str) -> bool:
@@ -78,9 +78,8 @@ class Adam:
     keys = ("exp_avg", "exp_avg_sq")
 
     def init(self, state: Dict, like: torch.Tensor, group: Dict) -> None:
-        dtype = DTYPES[group["state_dtype"]]
-        Moment.create(state, "exp_avg", like, group["state_bits"], dtype, signed=True)
-        Moment.create(state, "exp_avg_sq", like, group["state_bits"], dtype, signed=False)
+        Moment.create(state, "exp_avg", like, group, signed=True)
+        Moment.create(state, "exp_avg_sq", like, group, signed=False)
         state["moment_step"] = 0
 
     def reset(self, state: Dict) -> None:
@@ -90,7 +89,7 @@ class Adam:
 
     def expected_bytes(self, shape, group: Dict) -> int:
         numel = math.prod(shape)
-        return 2 * Moment.expected_bytes(numel, group["state_bits"], DTYPES[group["state_dtype"]])
+        return 2 * Moment.expected_bytes(numel, group)
 
     def update(self, state: Dict, grad: torch.Tensor, group: Dict, param: torch.Tensor, eps_style: str,
                col_norm_dim: Optional[int] = None) -> Direction:
@@ -144,15 +143,14 @@ class Adafactor:
     keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 
     def init(self, state: Dict, like: torch.Tensor, group: Dict) -> None:
-        dtype = DTYPES[group["state_dtype"]]
         if group["beta1"] is not None:
-            Moment.create(state, "exp_avg", like, group["state_bits"], dtype, signed=True)
+            Moment.create(state, "exp_avg", like, group, signed=True)
         if like.dim() >= 2:  # factored: row and column statistics are tiny, kept in fp32
             state["exp_avg_sq_row"] = torch.zeros(like.shape[:-1], dtype=torch.float32, device=like.device)
             state["exp_avg_sq_col"] = torch.zeros(like.shape[:-2] + like.shape[-1:], dtype=torch.float32,
                                                   device=like.device)
         else:
-            Moment.create(state, "exp_avg_sq", like, group["state_bits"], dtype, signed=False)
+            Moment.create(state, "exp_avg_sq", like, group, signed=False)
 
     def reset(self, state: Dict) -> None:
         for key in self.keys:
@@ -160,11 +158,11 @@ class Adafactor:
         state.pop("moment_step", None)
 
     def expected_bytes(self, shape, group: Dict) -> int:
-        numel, dtype = math.prod(shape), DTYPES[group["state_dtype"]]
-        total = Moment.expected_bytes(numel, group["state_bits"], dtype) if group["beta1"] is not None else 0
+        numel = math.prod(shape)
+        total = Moment.expected_bytes(numel, group) if group["beta1"] is not None else 0
         if len(shape) >= 2:
             return total + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
-        return total + Moment.expected_bytes(numel, group["state_bits"], dtype)
+        return total + Moment.expected_bytes(numel, group)
 
     @staticmethod
     def _rms(x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ DEFAULTS: Dict[str, Any] = dict(
     # low-rank groups (those with a ``rank`` key)
     update_proj_gap=200, scale=0.25, proj_type="std", projector="svd", seed=0, subspace_change="keep",
     # parts
-    inner="adam", residual="none", state_bits=32, state_dtype="float32",
+    inner="adam", residual="none", state_bits=32, state_dtype="float32", min_8bit_size=4096,
     # Fira
     fira_gamma=1.01, fira_residual="reference", fira_floor=0.0,
     # FRUGAL
@@ -155,6 +155,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             bad("residual", sorted(RESIDUAL_RULES))
         if g["state_bits"] not in (8, 32):
             bad("state_bits", [8, 32])
+        m8 = g["min_8bit_size"]
+        if not isinstance(m8, int) or isinstance(m8, bool) or m8 < 1:
+            bad("min_8bit_size", "must be an int >= 1")
         if g["state_dtype"] not in DTYPES:
             bad("state_dtype", sorted(DTYPES))
         if g["subspace_change"] not in SUBSPACE_CHANGES:

@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 
-def use_8bit(numel: int) -> bool:
+def use_8bit(numel: int, min_size: int = MIN_8BIT_SIZE) -> bool:
     """Whether a state tensor with ``numel`` elements is stored in 8 bits (else fp32)."""
-    return numel >= MIN_8BIT_SIZE
+    return numel >= min_size
 
 
 def num_blocks(numel: int) -> int:

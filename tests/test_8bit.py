@@ -132,3 +132,19 @@ def test_every_method_runs_with_8bit_states(cls, kw):
     losses = train(model, opt, batches(1, batch=8, seq=16) * 12)  # one batch, fitted: loss must fall
     assert losses[-1] < losses[0]
     assert any(k.endswith("_codes") for st in opt.state.values() for k in st)
+
+
+def test_galore_adamw8bit_takes_galore_torch_signature():
+    w = torch.nn.Parameter(torch.randn(96, 128))
+    small = torch.nn.Parameter(torch.randn(64, 32))  # 2048 elements
+    opt = GaLoreAdamW8bit([{"params": [w], "rank": 48}, {"params": [small]}], 1e-3, (0.9, 0.999), 1e-8, 1e-2,
+                          False, 32, None, 1024, 100, True, False)  # galore-torch's positional order
+    assert opt.defaults["eps"] == 1e-8 and opt.defaults["weight_decay"] == 1e-2
+    w.grad, small.grad = torch.randn_like(w), torch.randn_like(small)
+    opt.step()
+    assert "exp_avg_codes" in opt.state[w] and "exp_avg_codes" in opt.state[small]  # min_8bit_size=1024 honoured
+    for bad in (dict(amsgrad=True), dict(percentile_clipping=5), dict(block_wise=False), dict(is_paged=True)):
+        with pytest.raises(ValueError, match="bitsandbytes feature"):
+            GaLoreAdamW8bit([w], **bad)
+    with pytest.raises(ValueError, match="param group 0: invalid min_8bit_size 0"):
+        GaLoreAdamW8bit([w], min_8bit_size=0)
