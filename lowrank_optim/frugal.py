@@ -28,6 +28,7 @@ import torch
 
 from .inner import INNER_RULES
 from .optimizer import LowRankOptimizer, matrix_shape, side_for
+from .residual import state_free_direction
 
 BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
 
@@ -189,20 +190,16 @@ class FrugalAdamW(LowRankOptimizer):
         if mode == "plain":
             super()._step_dense(group, p)
             return
-        state = self.state[p]
-        G = self._grad(p, group, matrix=False)
-        if mode == "active":
-            d = INNER_RULES[group["inner"]].update(state, G, group, p, eps_style=group["eps_style"] or "torch")
-            state["step"] = state.get("step", 0) + 1
-            self._apply(p, group, d.direction, d.step_size * group["scale"], d.decay_lr, None)
+        if mode == "active":  # full Adam at the targeted parameters' lr scale
+            super()._step_dense(group, p, scale=group["scale"])
             return
+        state = self.state[p]
         state["step"] = state.get("step", 0) + 1
-        kind = group["inactive_update"]
-        if kind == "none":
-            G = torch.zeros_like(G)  # weight decay only
-        elif kind == "signsgd":
-            G = G.sign()  # not in place: G may be the parameter's own .grad
-        self._apply(p, group, G, group["lr"] * group["inactive_lr_scale"], group["lr"], None)
+        G = self._grad(p, group, matrix=False)
+        update = state_free_direction(G, group["inactive_update"])
+        if update is None:
+            update = torch.zeros_like(G)  # weight decay only
+        self._apply(p, group, update, group["lr"] * group["inactive_lr_scale"], group["lr"], None)
 
 
 __all__ = ["FrugalAdamW", "BLOCK_ORDERS", "active_blocks", "density_rank", "projected_dim"]

@@ -57,7 +57,7 @@ class Moment:
             codes, absmax = quant.quantize_blockwise(value, signed=signed)
             state[key + "_codes"].copy_(codes)
             state[key + "_absmax"].copy_(absmax)
-        else:
+        elif state[key] is not value:  # an fp32 moment loaded and updated in place needs no copy
             state[key].copy_(value)
 
     @staticmethod
@@ -70,7 +70,17 @@ class Moment:
         return key in state or key + "_codes" in state
 
 
-class Adam:
+class _MomentRule:
+    keys: tuple = ()
+
+    def reset(self, state: Dict) -> None:
+        """Drop the moments (freed) and the bias-correction count: the rule restarts at the next update."""
+        for key in self.keys:
+            Moment.delete(state, key)
+        state.pop("moment_step", None)
+
+
+class Adam(_MomentRule):
     """Adam moments. ``eps_style="galore"`` adds eps to sqrt(v) before bias correction (galore-torch / HF AdamW);
     ``"torch"`` matches ``torch.optim.AdamW`` exactly (eps added after correcting v)."""
 
@@ -81,11 +91,6 @@ class Adam:
         Moment.create(state, "exp_avg", like, group, signed=True)
         Moment.create(state, "exp_avg_sq", like, group, signed=False)
         state["moment_step"] = 0
-
-    def reset(self, state: Dict) -> None:
-        for key in self.keys:
-            Moment.delete(state, key)
-        state.pop("moment_step", None)
 
     def expected_bytes(self, shape, group: Dict) -> int:
         numel = math.prod(shape)
@@ -106,19 +111,13 @@ class Adam:
                                       state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
                                       beta1, beta2, eps, col_norm_dim=col_norm_dim)
             direction, col_norms = out if col_norm_dim is not None else (out, None)
-        else:
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            if m.dtype == torch.float32:
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = v.sqrt().add_(eps)
-                direction = torch.div(m, denom, out=denom)  # reuse the buffer: one allocation per step
-            else:  # low-precision moments: do the math in fp32, store rounded
-                m32 = m.float().mul_(beta1).add_(grad, alpha=1 - beta1)
-                v32 = v.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m.copy_(m32)
-                v.copy_(v32)
-                direction = m32 / v32.sqrt().add_(eps)
+        else:  # fp32 moments update in place; bf16/fp16 ones in an fp32 copy, stored rounded
+            m = Moment.load(state, "exp_avg", True).mul_(beta1).add_(grad, alpha=1 - beta1)
+            v = Moment.load(state, "exp_avg_sq", False).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            Moment.store(state, "exp_avg", m, True)
+            Moment.store(state, "exp_avg_sq", v, False)
+            denom = v.sqrt().add_(eps)
+            direction = torch.div(m, denom, out=denom)  # reuse the buffer: one allocation per step
         factor = math.sqrt(bc2) / bc1
         return Direction(direction, group["lr"] * factor, group["lr"], factor, col_norms)
 
@@ -136,7 +135,7 @@ class Adam:
             Moment.store(state, key, x, signed)
 
 
-class Adafactor:
+class Adafactor(_MomentRule):
     """Adafactor (Shazeer & Stern) as in HF / galore-torch: factored second moment, relative step, RMS clipping."""
 
     name = "adafactor"
@@ -151,11 +150,6 @@ class Adafactor:
                                                   device=like.device)
         else:
             Moment.create(state, "exp_avg_sq", like, group, signed=False)
-
-    def reset(self, state: Dict) -> None:
-        for key in self.keys:
-            Moment.delete(state, key)
-        state.pop("moment_step", None)
 
     def expected_bytes(self, shape, group: Dict) -> int:
         numel = math.prod(shape)

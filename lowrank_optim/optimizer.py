@@ -364,11 +364,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         lr, scale = d.decay_lr, group["scale"]
         if quant.kernels_for(p) and p.is_contiguous() and lr > 0:
             # one Triton pass: project back, decay, update; the kernel takes the residual in units of lr
-            term = extra.mul_(d.step_size / lr) if joins else extra
+            term = extra * (d.step_size / lr) if joins else extra
             if proj.fused_apply(state, d.direction, p.view(G.shape), lr, group["weight_decay"],
                                 d.step_size * scale / lr, term):
                 return
-            extra = extra.div_(d.step_size / lr) if joins else extra
         U = proj.project_back(state, d.direction)
         if scale != 1.0:
             U.mul_(scale)  # scaled before the step, in this order, as galore-torch / fira do (bitwise parity)
@@ -377,12 +376,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             extra = None
         self._apply(p, group, U, d.step_size, lr, extra)
 
-    def _step_dense(self, group: Dict, p: torch.Tensor) -> None:
+    def _step_dense(self, group: Dict, p: torch.Tensor, scale: float = 1.0) -> None:
         state = self.state[p]
         d = INNER_RULES[group["inner"]].update(state, self._grad(p, group, matrix=False), group, p,
                                                eps_style=group["eps_style"] or "torch")
         state["step"] = state.get("step", 0) + 1
-        self._apply(p, group, d.direction, d.step_size, d.decay_lr, None)
+        self._apply(p, group, d.direction, d.step_size * scale, d.decay_lr, None)
 
     @staticmethod
     def _apply(p: torch.Tensor, group: Dict, update: torch.Tensor, step_size: float, lr: float,

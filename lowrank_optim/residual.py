@@ -59,14 +59,18 @@ def fira_rule(G, R, d: Direction, proj, state, group) -> torch.Tensor:
 fira_rule.joins_update = True  # S takes the same bias-corrected step as the low-rank update
 
 
-def frugal_rule(G, R, d: Direction, proj, state, group) -> Optional[torch.Tensor]:
-    """FRUGAL: a state-free step on the residual, at ``inactive_lr_scale`` times the learning rate."""
-    kind = group["inactive_update"]
+def state_free_direction(x: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
+    """FRUGAL's state-free rule: sign(x) for "signsgd", x itself for "sgd", None for "none". Never modifies x."""
     if kind == "none":
         return None
-    rest = _outside(G, R, proj, state)
-    if kind == "signsgd":
-        rest = rest.sign_()
+    return x.sign() if kind == "signsgd" else x
+
+
+def frugal_rule(G, R, d: Direction, proj, state, group) -> Optional[torch.Tensor]:
+    """FRUGAL: a state-free step on the residual, at ``inactive_lr_scale`` times the learning rate."""
+    if group["inactive_update"] == "none":
+        return None
+    rest = state_free_direction(_outside(G, R, proj, state), group["inactive_update"])  # a fresh tensor
     return rest.mul_(group["inactive_lr_scale"])
 
 
