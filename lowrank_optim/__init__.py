@@ -3,6 +3,7 @@
     from lowrank_optim import GaLoreAdamW, lowrank_param_groups
     opt = GaLoreAdamW(lowrank_param_groups(model, ["attn", "mlp"], rank=128), lr=1e-3)
 """
+from .apollo import APOLLOAdamW, APOLLOMiniAdamW
 from .dct import DCTAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
@@ -12,10 +13,11 @@ from .layerwise import LayerwiseOptimizer
 from .memory import estimate_state_bytes
 from .optimizer import LowRankOptimizer
 from .projectors import PROJECTORS, make_projector
+from .registry import METHODS, method
 from .sst import SSTAdamW
 
 __version__ = "0.1.0"
 
 __all__ = ["LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "FiraAdamW", "FrugalAdamW",
-           "DCTAdamW", "SSTAdamW", "LayerwiseOptimizer", "lowrank_param_groups", "estimate_state_bytes",
+           "DCTAdamW", "SSTAdamW", "APOLLOAdamW", "APOLLOMiniAdamW", "METHODS", "method", "LayerwiseOptimizer", "lowrank_param_groups", "estimate_state_bytes",
            "PROJECTORS", "make_projector", "__version__"]

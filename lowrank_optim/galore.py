@@ -1,5 +1,6 @@
 """GaLore presets: low-rank Adam / Adafactor / 8-bit Adam with the residual dropped and moments kept across
-refreshes. Drop-in for galore-torch: same group keys (rank, update_proj_gap, scale, proj_type)."""
+refreshes (rows ``galore``, ``galore8bit``, ``galore_adafactor`` of the registry). Drop-in for galore-torch: same
+signatures and group keys (rank, update_proj_gap, scale, proj_type)."""
 from __future__ import annotations
 
 from .optimizer import LowRankOptimizer
@@ -8,19 +9,20 @@ from .optimizer import LowRankOptimizer
 class GaLoreAdamW(LowRankOptimizer):
     """GaLore with AdamW moments. ``eps`` defaults to 1e-6 as in galore-torch."""
 
+    method = "galore"
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, maximize=False, **kw):
-        kw.setdefault("inner", "adam")
-        kw.setdefault("residual", "none")
-        kw.setdefault("subspace_change", "keep")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, **kw)
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
+class GaLoreAdamW8bit(LowRankOptimizer):
     """GaLore with 8-bit blockwise Adam states (tensors under ``min_8bit_size`` elements stay fp32).
 
     Takes galore-torch's ``GaLoreAdamW8bit`` signature and defaults (those of bitsandbytes' AdamW8bit: eps 1e-8,
     weight decay 1e-2, eps added to the bias-corrected sqrt(v)). bitsandbytes-only features raise a clear error
     instead of being silently ignored: AMSGrad, percentile clipping, non-blockwise quantization, paged states."""
+
+    method = "galore8bit"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
@@ -32,8 +34,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 raise ValueError(f"GaLoreAdamW8bit: {name}={value!r} is a bitsandbytes feature not supported here "
                                  f"(only {only!r})")
         # optim_bits is accepted for signature compatibility: like galore-torch, this class is always 8-bit.
-        kw.setdefault("state_bits", 8)
-        kw.setdefault("eps_style", "torch")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          min_8bit_size=min_8bit_size, **kw)
 
@@ -41,16 +41,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 class GaLoreAdafactor(LowRankOptimizer):
     """GaLore with Adafactor (HF semantics: relative step when ``lr`` is None)."""
 
+    method = "galore_adafactor"
+
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
                  weight_decay=0.0, scale_parameter=True, relative_step=None, warmup_init=False, **kw):
         if relative_step is None:
             relative_step = lr is None
-        if lr is not None and relative_step:
-            raise ValueError("GaLoreAdafactor: cannot combine a manual lr with relative_step=True")
-        if warmup_init and not relative_step:
-            raise ValueError("GaLoreAdafactor: warmup_init=True requires relative_step=True")
-        kw.setdefault("residual", "none")
-        kw.setdefault("subspace_change", "keep")
-        super().__init__(params, inner="adafactor", lr=lr, eps=eps, clip_threshold=clip_threshold,
-                         decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
-                         scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init, **kw)
+        super().__init__(params, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                         weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+                         warmup_init=warmup_init, **kw)
+
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"]

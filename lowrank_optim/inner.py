@@ -1,31 +1,46 @@
-"""Inner optimizers: the stateful update applied to the (projected) gradient.
+"""Inner rules: the stateful update applied to the (projected) gradient, as functions over lists of tensors.
 
-Each rule keeps its moments in the per-parameter state dict under its own keys and returns a ``Direction``:
-the update is ``W -= step_size * project_back(direction)`` and decoupled decay uses ``decay_lr``.
+A rule keeps its moments in each parameter's state dict under its own keys and returns, per parameter, a
+``Direction``: the update is ``W -= step * project_back(direction)`` and decoupled decay uses ``decay_lr``.
 Moments are fp32 by default (``state_dtype``) or 8-bit blockwise (``state_bits=8``, see ``quant.py``).
+
+Every rule takes ``keep``, a 0-dim fp32 tensor on the device (1 = apply the step, 0 = the step was found non-finite):
+with ``keep = 0`` every moment and counter stays bit-for-bit as it was, without the host ever reading the flag.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import quant
+from .options import Option, boolean, choice, number, pair
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class Direction(NamedTuple):
-    direction: torch.Tensor  # fp32, the shape of the gradient it was computed from
-    step_size: float  # multiplies the projected-back direction
-    decay_lr: float  # learning rate used for decoupled weight decay
-    bias_factor: float  # Adam's sqrt(1 - b2^t) / (1 - b1^t); 1 for rules without it
+    direction: torch.Tensor  # compute dtype, the shape of the gradient it was computed from
+    step: torch.Tensor  # 0-dim fp32: multiplies the projected-back direction (lr x bias correction)
+    decay_lr: object  # learning rate used for decoupled weight decay (float or 0-dim tensor)
+    bias_factor: torch.Tensor  # 0-dim fp32: Adam's sqrt(1 - b2^t) / (1 - b1^t); 1 for rules without it
     col_norms: Optional[torch.Tensor] = None  # norms of ``direction`` along a requested dim (Fira), if fused
 
 
+def where_keep(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` where the step is kept, 0 where it is skipped (NaN included): a skipped step adds exactly nothing."""
+    return torch.where(keep.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def gated(keep: torch.Tensor, factor: float) -> torch.Tensor:
+    """A multiplier that is ``factor`` when the step is kept and exactly 1 when it is skipped (fp32, on device)."""
+    return torch.where(keep.bool(), torch.tensor(factor, dtype=torch.float32, device=keep.device),
+                       torch.ones((), dtype=torch.float32, device=keep.device))
+
+
 class Moment:
-    """One moment tensor stored either plainly (fp32/bf16/fp16) or as 8-bit codes + per-block absmax."""
+    """One moment tensor stored either plainly (fp32/bf16/fp16/fp64) or as 8-bit codes + per-block absmax."""
 
     @staticmethod
     def create(state: Dict, key: str, like: torch.Tensor, group: Dict, signed: bool):
@@ -33,23 +48,25 @@ class Moment:
             state[key + "_codes"], state[key + "_absmax"] = quant.quantize_blockwise(
                 torch.zeros_like(like, dtype=torch.float32), signed=signed)
         else:
-            state[key] = torch.zeros_like(like, dtype=DTYPES[group["state_dtype"]])
+            state[key] = torch.zeros_like(like, dtype=moment_dtype(group, like))
 
     @staticmethod
-    def expected_bytes(numel: int, group: Dict) -> int:
+    def expected_bytes(numel: int, group: Dict, compute: torch.dtype = torch.float32) -> int:
         if group["state_bits"] == 8 and quant.use_8bit(numel, group["min_8bit_size"]):
             return numel + quant.num_blocks(numel) * 4  # uint8 codes + fp32 absmax per block
-        return numel * torch.empty((), dtype=DTYPES[group["state_dtype"]]).element_size()
+        dtype = torch.float64 if compute == torch.float64 else DTYPES[group["state_dtype"]]
+        return numel * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
     def is_quantized(state: Dict, key: str) -> bool:
         return key + "_codes" in state
 
     @staticmethod
-    def load(state: Dict, key: str, signed: bool) -> torch.Tensor:
+    def load(state: Dict, key: str, signed: bool, compute: torch.dtype = torch.float32) -> torch.Tensor:
         if Moment.is_quantized(state, key):
             return quant.dequantize_blockwise(state[key + "_codes"], state[key + "_absmax"], signed=signed)
-        return state[key].float()
+        x = state[key]
+        return x if x.dtype == compute else x.to(compute)
 
     @staticmethod
     def store(state: Dict, key: str, value: torch.Tensor, signed: bool) -> None:
@@ -57,7 +74,7 @@ class Moment:
             codes, absmax = quant.quantize_blockwise(value, signed=signed)
             state[key + "_codes"].copy_(codes)
             state[key + "_absmax"].copy_(absmax)
-        elif state[key] is not value:  # an fp32 moment loaded and updated in place needs no copy
+        elif state[key] is not value:  # a moment loaded and updated in place needs no copy
             state[key].copy_(value)
 
     @staticmethod
@@ -69,9 +86,69 @@ class Moment:
     def exists(state: Dict, key: str) -> bool:
         return key in state or key + "_codes" in state
 
+    @staticmethod
+    def shape(state: Dict, key: str):
+        t = state.get(key, state.get(key + "_codes"))
+        return None if t is None else tuple(t.shape)
 
-class _MomentRule:
-    keys: tuple = ()
+
+def moment_dtype(group: Dict, like: torch.Tensor) -> torch.dtype:
+    """fp64 parameters keep fp64 moments; otherwise ``state_dtype`` (fp32 by default, whatever the param dtype)."""
+    return torch.float64 if like.dtype == torch.float64 else DTYPES[group["state_dtype"]]
+
+
+def _step_counter(state: Dict, key: str, device) -> torch.Tensor:
+    """Bias-correction count as a 0-dim fp32 tensor on the device (so a skipped step can leave it unchanged
+    without a host sync); older checkpoints stored a Python int."""
+    t = state.get(key)
+    if not isinstance(t, torch.Tensor):
+        t = state[key] = torch.tensor(float(t or 0), dtype=torch.float32, device=device)
+    return t
+
+
+def bias_steps(ts: Sequence[torch.Tensor], lr, beta1: float, beta2: float, correct_bias: bool):
+    """(lr * sqrt(1 - b2^t) / (1 - b1^t), sqrt(1 - b2^t), bias factor) per counter, in fp64 on the device with the
+    operations in the order Python would do them, so the fp32-rounded step equals the scalar one bit for bit."""
+    if not correct_bias:
+        ones = [torch.ones((), dtype=torch.float64, device=t.device) for t in ts]
+        lrs = [_as64(lr, t.device) for t in ts]
+        return lrs, ones, ones
+    t64 = [t.double() for t in ts]
+    bc1 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(beta1, t64)), 1.0)
+    bc2_sqrt = torch._foreach_sqrt(torch._foreach_add(torch._foreach_neg(torch._foreach_pow(beta2, t64)), 1.0))
+    lrs = [_as64(lr, t.device) for t in ts]
+    steps = torch._foreach_div(torch._foreach_mul(lrs, bc2_sqrt), bc1)
+    factors = torch._foreach_div(bc2_sqrt, bc1)
+    return steps, bc2_sqrt, factors
+
+
+def _as64(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch.float64)
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+class Adam:
+    """Adam moments on lists of tensors. ``eps_style="galore"`` adds eps to sqrt(v) before bias correction
+    (galore-torch / HF AdamW); ``"torch"`` is ``torch.optim.AdamW``'s placement (eps after correcting v)."""
+
+    kind = "inner"
+    name = "adam"
+    keys = ("exp_avg", "exp_avg_sq")
+    needs_host = False
+    options = (
+        Option("betas", (0.9, 0.999), pair(number(0.0, 1.0, hi_open=True)), "Adam's moment decay rates (beta1, beta2)"),
+        Option("eps", 1e-8, number(0.0), "added to sqrt(v) (where: see eps_style)"),
+        Option("correct_bias", True, boolean, "Adam bias correction"),
+        Option("eps_style", None, choice(None, "torch", "galore"),
+               "`torch` (torch.optim.AdamW: eps after bias correction) or `galore` (galore-torch / HF: before); "
+               "None = torch for full-rank updates, galore for low-rank ones"),
+    )
+
+    def check_group(self, group: Dict) -> Optional[str]:
+        if group["lr"] is None:
+            return "lr None is only for Adafactor's relative step"
+        return None
 
     def reset(self, state: Dict) -> None:
         """Drop the moments (freed) and the bias-correction count: the rule restarts at the next update."""
@@ -79,47 +156,65 @@ class _MomentRule:
             Moment.delete(state, key)
         state.pop("moment_step", None)
 
+    def expected_bytes(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> int:
+        return 2 * Moment.expected_bytes(math.prod(shape), group, compute) + 4  # + the fp32 step counter
 
-class Adam(_MomentRule):
-    """Adam moments. ``eps_style="galore"`` adds eps to sqrt(v) before bias correction (galore-torch / HF AdamW);
-    ``"torch"`` matches ``torch.optim.AdamW`` exactly (eps added after correcting v)."""
-
-    name = "adam"
-    keys = ("exp_avg", "exp_avg_sq")
-
-    def init(self, state: Dict, like: torch.Tensor, group: Dict) -> None:
-        Moment.create(state, "exp_avg", like, group, signed=True)
-        Moment.create(state, "exp_avg_sq", like, group, signed=False)
-        state["moment_step"] = 0
-
-    def expected_bytes(self, shape, group: Dict) -> int:
-        numel = math.prod(shape)
-        return 2 * Moment.expected_bytes(numel, group)
-
-    def update(self, state: Dict, grad: torch.Tensor, group: Dict, param: torch.Tensor, eps_style: str,
-               col_norm_dim: Optional[int] = None) -> Direction:
-        if not Moment.exists(state, "exp_avg"):
-            self.init(state, grad, group)
+    def step(self, states: List[Dict], grads: List[torch.Tensor], group: Dict, keep: torch.Tensor, eps_style: str,
+             counter: str = "moment_step", col_norm_dim: Optional[int] = None, params=None) -> List[Direction]:
+        """One Adam update of every state in ``states`` (one group, one device), gated by ``keep``."""
+        if not states:
+            return []
         beta1, beta2 = group["betas"]
-        state["moment_step"] += 1
-        t = state["moment_step"]
-        bc1, bc2 = (1 - beta1 ** t, 1 - beta2 ** t) if group["correct_bias"] else (1.0, 1.0)
-        eps = group["eps"] * (math.sqrt(bc2) if eps_style == "torch" else 1.0)
-        col_norms = None
-        if Moment.is_quantized(state, "exp_avg"):
-            out = quant.adam8bit_step(grad, state["exp_avg_codes"], state["exp_avg_absmax"],
-                                      state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
-                                      beta1, beta2, eps, col_norm_dim=col_norm_dim)
-            direction, col_norms = out if col_norm_dim is not None else (out, None)
-        else:  # fp32 moments update in place; bf16/fp16 ones in an fp32 copy, stored rounded
-            m = Moment.load(state, "exp_avg", True).mul_(beta1).add_(grad, alpha=1 - beta1)
-            v = Moment.load(state, "exp_avg_sq", False).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            Moment.store(state, "exp_avg", m, True)
-            Moment.store(state, "exp_avg_sq", v, False)
-            denom = v.sqrt().add_(eps)
-            direction = torch.div(m, denom, out=denom)  # reuse the buffer: one allocation per step
-        factor = math.sqrt(bc2) / bc1
-        return Direction(direction, group["lr"] * factor, group["lr"], factor, col_norms)
+        device = grads[0].device
+        for st, g in zip(states, grads):
+            if Moment.exists(st, "exp_avg") and Moment.shape(st, "exp_avg") != tuple(g.shape):
+                self.reset(st)  # the subspace changed size (a new rank, a block turned on): start afresh
+            if not Moment.exists(st, "exp_avg"):
+                Moment.create(st, "exp_avg", g, group, signed=True)
+                Moment.create(st, "exp_avg_sq", g, group, signed=False)
+        ts = [_step_counter(st, counter, device) for st in states]
+        torch._foreach_add_(ts, keep)
+        steps, bc2_sqrt, factors = bias_steps(ts, group["lr"], beta1, beta2, group["correct_bias"])
+        clean = [where_keep(keep, g) for g in grads]
+        eps = group["eps"]
+        if eps_style == "torch":
+            eps_list = [(bc * eps).float() for bc in bc2_sqrt]
+        out: List[Optional[Direction]] = [None] * len(states)
+        plain = [i for i, st in enumerate(states) if not Moment.is_quantized(st, "exp_avg")]
+        if plain:
+            compute = grads[plain[0]].dtype
+            ms = [Moment.load(states[i], "exp_avg", True, compute) for i in plain]
+            vs = [Moment.load(states[i], "exp_avg_sq", False, compute) for i in plain]
+            gs = [clean[i] for i in plain]
+            torch._foreach_mul_(ms, gated(keep, beta1))
+            torch._foreach_add_(ms, gs, alpha=1 - beta1)
+            torch._foreach_mul_(vs, gated(keep, beta2))
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+            for i, m, v in zip(plain, ms, vs):
+                Moment.store(states[i], "exp_avg", m, True)
+                Moment.store(states[i], "exp_avg_sq", v, False)
+            denoms = torch._foreach_sqrt(vs)
+            if eps_style == "torch":
+                torch._foreach_add_(denoms, [eps_list[i] for i in plain])
+            else:
+                torch._foreach_add_(denoms, eps)
+            dirs = torch._foreach_div(ms, denoms)
+            for i, d in zip(plain, dirs):
+                out[i] = Direction(d, steps[i].float(), group["lr"], factors[i].float())
+        for i, st in enumerate(states):
+            if out[i] is not None:
+                continue
+            # 8-bit: the update rewrites the codes in place; a skipped step restores them from a copy of the codes
+            e = float(eps_list[i]) if eps_style == "torch" else eps
+            saved = [st[k].clone() for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")]
+            res = quant.adam8bit_step(clean[i].float(), st["exp_avg_codes"], st["exp_avg_absmax"],
+                                      st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], beta1, beta2, e,
+                                      col_norm_dim=col_norm_dim)
+            d, norms = res if col_norm_dim is not None else (res, None)
+            for k, old in zip(("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"), saved):
+                st[k].copy_(torch.where(keep.bool(), st[k], old))
+            out[i] = Direction(d, steps[i].float(), group["lr"], factors[i].float(), norms)
+        return out  # type: ignore[return-value]
 
     def rotate(self, state: Dict, rot: Dict[str, torch.Tensor]) -> None:
         """Carry moments into a new subspace: m <- R_l m R_r^T, v <- (R_l^2) v (R_r^2)^T (keeps v >= 0)."""
@@ -132,14 +227,43 @@ class Adam(_MomentRule):
                 x = (rot["left"] ** power).matmul(x)
             if "right" in rot:
                 x = x.matmul((rot["right"] ** power).t())
+            if x.shape != Moment.shape(state, key):
+                self.reset(state)
+                return
             Moment.store(state, key, x, signed)
 
 
-class Adafactor(_MomentRule):
-    """Adafactor (Shazeer & Stern) as in HF / galore-torch: factored second moment, relative step, RMS clipping."""
+class Adafactor:
+    """Adafactor (Shazeer & Stern) as in HF / galore-torch: factored second moment, relative step, RMS clipping.
+    Its relative step needs the parameter's RMS as a number, so each step reads the device (``needs_host``)."""
 
+    kind = "inner"
     name = "adafactor"
     keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+    needs_host = True
+    options = (
+        Option("eps", (1e-30, 1e-3), pair(number(0.0)), "(eps1 added to g^2, eps2 floor of the parameter RMS)"),
+        Option("clip_threshold", 1.0, number(0.0, lo_open=True), "RMS clipping threshold of the update"),
+        Option("decay_rate", -0.8, number(hi=0.0), "beta2_t = 1 - t^decay_rate"),
+        Option("beta1", None, number(0.0, 1.0, hi_open=True, none_ok=True), "first-moment decay (None: none kept)"),
+        Option("scale_parameter", True, boolean, "scale the step by the parameter's RMS"),
+        Option("relative_step", True, boolean, "lr = min(1e-2, 1/sqrt(t)) (needs lr=None)"),
+        Option("warmup_init", False, boolean, "relative step warm-up 1e-6 t (needs relative_step)"),
+    )
+
+    def check_group(self, group: Dict) -> Optional[str]:
+        if group["relative_step"] and group["lr"] is not None:
+            return "relative_step=True computes its own lr: set lr=None (or relative_step=False)"
+        if not group["relative_step"] and group["lr"] is None:
+            return "lr=None needs relative_step=True"
+        if group["warmup_init"] and not group["relative_step"]:
+            return "warmup_init=True needs relative_step=True"
+        return None
+
+    def reset(self, state: Dict) -> None:
+        for key in self.keys:
+            Moment.delete(state, key)
+        state.pop("moment_step", None)
 
     def init(self, state: Dict, like: torch.Tensor, group: Dict) -> None:
         if group["beta1"] is not None:
@@ -151,12 +275,12 @@ class Adafactor(_MomentRule):
         else:
             Moment.create(state, "exp_avg_sq", like, group, signed=False)
 
-    def expected_bytes(self, shape, group: Dict) -> int:
+    def expected_bytes(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> int:
         numel = math.prod(shape)
-        total = Moment.expected_bytes(numel, group) if group["beta1"] is not None else 0
+        total = Moment.expected_bytes(numel, group, compute) if group["beta1"] is not None else 0
         if len(shape) >= 2:
             return total + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
-        return total + Moment.expected_bytes(numel, group)
+        return total + Moment.expected_bytes(numel, group, compute)
 
     @staticmethod
     def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -171,13 +295,16 @@ class Adafactor(_MomentRule):
             lr = max(group["eps"][1], param_rms) * lr
         return lr
 
-    def update(self, state: Dict, grad: torch.Tensor, group: Dict, param: torch.Tensor, eps_style: str,
-               col_norm_dim: Optional[int] = None) -> Direction:
+    def step(self, states: List[Dict], grads: List[torch.Tensor], group: Dict, keep: torch.Tensor, eps_style: str,
+             counter: str = "moment_step", col_norm_dim: Optional[int] = None, params=None) -> List[Direction]:
+        # needs_host: the engine reads the non-finite flag before calling, so ``keep`` is 1 here
+        return [self._one(st, g, group, p, col_norm_dim) for st, g, p in zip(states, grads, params)]
+
+    def _one(self, state: Dict, grad: torch.Tensor, group: Dict, param: torch.Tensor, col_norm_dim) -> Direction:
         if not ("exp_avg_sq_row" in state or Moment.exists(state, "exp_avg_sq")):
             self.init(state, grad, group)
-        state["moment_step"] = state.get("moment_step", 0) + 1
+        state["moment_step"] = int(state.get("moment_step", 0)) + 1
         t = state["moment_step"]
-        # The relative step needs the parameter's RMS as a number: one host sync, as in every Adafactor.
         param_rms = float(self._rms(param.float())) if group["scale_parameter"] else 0.0
         lr = self._lr(group, t, param_rms)
         beta2t = 1.0 - math.pow(t, group["decay_rate"])
@@ -200,7 +327,8 @@ class Adafactor(_MomentRule):
             Moment.store(state, "exp_avg", m, signed=True)
             update = m
         col_norms = update.norm(dim=col_norm_dim) if col_norm_dim is not None else None
-        return Direction(update, 1.0, lr, 1.0, col_norms)
+        one = torch.ones((), dtype=torch.float32, device=grad.device)
+        return Direction(update, one, lr, one, col_norms)
 
     def rotate(self, state: Dict, rot: Dict[str, torch.Tensor]) -> None:
         # Factored statistics have no meaningful rotation: start them afresh, keep the step count.
@@ -210,3 +338,5 @@ class Adafactor(_MomentRule):
 
 
 INNER_RULES = {"adam": Adam(), "adafactor": Adafactor()}
+
+__all__ = ["INNER_RULES", "Adam", "Adafactor", "Direction", "Moment", "DTYPES", "where_keep", "gated", "bias_steps"]

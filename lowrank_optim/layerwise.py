@@ -15,7 +15,6 @@ With accumulation the gradients of the micro-batches still accumulate in ``.grad
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -57,28 +56,10 @@ class LayerwiseOptimizer:
         self.micro_steps = max(self.micro_steps, count)
         if count % self.accumulation_steps:
             return
-        self._update(p)
-        # optimizer.step() is never called in this mode; tell LR schedulers that an update did happen.
-        self.optimizer._opt_called = True
-
-    @torch.no_grad()
-    def _update(self, p: torch.Tensor) -> None:
-        opt = self.optimizer
-        gi = self._index[p]
-        group = opt.param_groups[gi]
-        opt._validate_group(group, gi)
-        if p.grad.is_sparse:
-            raise ValueError(f"param group {gi}: sparse gradients are not supported")
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p], self.clip_grad_norm)
-        if not bool(torch.isfinite(p.grad).all()):
-            if opt.nonfinite == "raise":
-                raise FloatingPointError(f"param group {gi}: non-finite gradient in parameter of shape "
-                                         f"{tuple(p.shape)}")
-            warnings.warn(f"param group {gi}: non-finite gradient, update of a parameter of shape "
-                          f"{tuple(p.shape)} skipped")
-        else:
-            opt._step_items([(gi, group, p)])
+        # the optimizer's public per-parameter step: LR schedulers see a step, step hooks run, nothing else moves
+        self.optimizer.step(params=[p])
         p.grad = None  # free it now: this is the memory layer-wise training saves
 
     def zero_grad(self, set_to_none: bool = True) -> None:

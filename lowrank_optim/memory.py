@@ -7,7 +7,6 @@ Not counted by either: the DCT basis cache (one d x d matrix per distinct size a
 weight) and per-step temporaries (the fp32 gradient copy, the projected gradient)."""
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Sequence, Type, Union
 
@@ -15,29 +14,16 @@ import torch
 from torch import nn
 
 from .groups import lowrank_param_groups
+from .registry import method
 
-# name -> (module, class); looked up lazily so a preset's import error names itself
-OPTIMIZERS = {
-    "adamw": ("lowrank_optim.optimizer", "LowRankOptimizer"),
-    "galore": ("lowrank_optim.galore", "GaLoreAdamW"),
-    "galore8bit": ("lowrank_optim.galore", "GaLoreAdamW8bit"),
-    "galore_adafactor": ("lowrank_optim.galore", "GaLoreAdafactor"),
-    "fira": ("lowrank_optim.fira", "FiraAdamW"),
-    "frugal": ("lowrank_optim.frugal", "FrugalAdamW"),
-    "dct": ("lowrank_optim.dct", "DCTAdamW"),
-    "sst": ("lowrank_optim.sst", "SSTAdamW"),
-}
 _GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "no_decay_norms_and_biases")
 
 
 def optimizer_class(name: Union[str, Type[torch.optim.Optimizer]]) -> Type[torch.optim.Optimizer]:
+    """The class of a registry name or alias (``lowrank_optim.registry``), or ``name`` itself if it is a class."""
     if not isinstance(name, str):
         return name
-    try:
-        module, cls = OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}") from None
-    return getattr(importlib.import_module(module), cls)
+    return method(name).optimizer_class
 
 
 def build(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = ("attn", "mlp"), **kwargs):
@@ -45,7 +31,7 @@ def build(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = 
     ``adamw``), every other keyword as an optimizer default (so ``state_bits=8`` also covers dense groups)."""
     cls = optimizer_class(optimizer)
     group_kw = {k: kwargs.pop(k) for k in _GROUP_KEYS if k in kwargs}
-    if optimizer == "adamw":
+    if isinstance(optimizer, str) and method(optimizer).name == "adamw":
         return cls(model.parameters(), **kwargs)
     accepted = inspect.signature(lowrank_param_groups).parameters
     groups = lowrank_param_groups(model, target_modules, **{k: v for k, v in group_kw.items() if k in accepted})
@@ -63,4 +49,4 @@ def estimate_state_bytes(model: nn.Module, optimizer="galore", target_modules: S
         return build(model, optimizer, target_modules, **kwargs).expected_state_bytes()
 
 
-__all__ = ["estimate_state_bytes", "build", "optimizer_class", "OPTIMIZERS"]
+__all__ = ["estimate_state_bytes", "build", "optimizer_class"]

@@ -1,62 +1,94 @@
 """Residual rules: what happens to the part of the gradient outside the low-rank subspace.
 
-A rule returns a full-size tensor ``T`` (or None). A rule marked ``joins_update`` (Fira) has ``T`` added to the
-scaled low-rank update before the bias-corrected step, as its reference does; otherwise the engine applies
-``W -= lr * T`` as a separate state-free step (FRUGAL). ``none`` is GaLore (the residual is dropped), ``fira`` scales it by the low-rank update's per-column norm
-ratio and limits its growth, ``frugal`` applies a state-free signSGD / SGD step to it.
+A rule's ``__call__(G, R, d, proj, state, group, keep)`` returns a full-size tensor ``T`` (or None). How ``T`` joins
+the update is declared by the rule:
+
+* ``joins = "update"`` (Fira): ``T`` is added to the scaled low-rank update and takes the same bias-corrected step;
+* ``joins = "replace"`` (APOLLO): ``T`` is the whole update (no projected-back term), same bias-corrected step;
+* ``joins = "separate"`` (FRUGAL): ``W -= lr * T``, a state-free step of its own.
+
+``none`` is GaLore (the residual is dropped). A rule's state entries must be gated by ``keep`` (see ``inner.py``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
-from .inner import Direction
+from .inner import Direction, where_keep
+from .options import Option, choice, number
 from .projectors import Projector
 
 
-def _outside(G: torch.Tensor, R: torch.Tensor, proj: Projector, state: Dict, coef: float = 1.0) -> torch.Tensor:
-    """``G - coef * P P^T G``: the gradient minus (a multiple of) its part inside the subspace."""
+def outside(G: torch.Tensor, R: Optional[torch.Tensor], proj: Optional[Projector], state: Dict,
+            coef: float = 1.0) -> torch.Tensor:
+    """``G - coef * P P^T G``: the gradient minus (a multiple of) its part inside the subspace (all of G at rank 0)."""
+    if R is None:
+        return G.clone()
     back = proj.project_back(state, R)
     return G - back if coef == 1.0 else G - coef * back
 
 
-def fira_norm_dim(side: str) -> Optional[int]:
-    """Dim of the low-rank tensor reduced for Fira's per-column norms (the projected one), from the weight's side."""
+def norm_dim(side: str) -> Optional[int]:
+    """Dim of the low-rank tensor reduced for per-channel norms (the projected one), from the weight's side."""
     return {"right": 1, "left": 0}.get(side)
 
 
-def none_rule(G, R, d: Direction, proj, state, group) -> Optional[torch.Tensor]:
-    return None
+def channel_ratio(d: Direction, R: torch.Tensor, side: str) -> torch.Tensor:
+    """``||N_j|| / (||R_j|| + 1e-8)`` per channel along the non-projected dim (one ratio for ``full``)."""
+    dim = norm_dim(side)
+    if dim is None:
+        return d.direction.norm() / (R.norm() + 1e-8)
+    n_norm = d.col_norms if d.col_norms is not None else d.direction.norm(dim=dim)
+    return (n_norm / (R.norm(dim=dim) + 1e-8)).unsqueeze(dim)
 
 
-def fira_rule(G, R, d: Direction, proj, state, group) -> torch.Tensor:
-    """Fira: ``S = phi * residual`` with ``phi = ||N[:, j]|| / (||R[:, j]|| + 1e-8)`` along the non-projected dim,
-    then the norm-growth limiter ``||S_t|| <= gamma ||S_{t-1}||``. All tensor ops: no host sync."""
-    dim = fira_norm_dim(proj.side)
-    if dim is None:  # "full": both sides projected, one ratio for the whole matrix
-        phi = d.direction.norm() / (R.norm() + 1e-8)
-    else:
-        n_norm = d.col_norms if d.col_norms is not None else d.direction.norm(dim=dim)
-        phi = (n_norm / (R.norm(dim=dim) + 1e-8)).unsqueeze(dim)
-    if group["fira_residual"] == "paper":  # scale * phi * (I - P P^T) G
-        S = _outside(G, R, proj, state).mul_(phi).mul_(group["scale"])
-    else:  # reference code: phi * (G - scale * P P^T G)
-        S = _outside(G, R, proj, state, coef=group["scale"]).mul_(phi)
+def limit_growth(S: torch.Tensor, state: Dict, key: str, gamma: float, floor: float, keep: torch.Tensor) -> None:
+    """Norm-growth limiter ``||S_t|| <= gamma ||S_{t-1}||`` (in place). The stored norm is the post-limit one, -1
+    before the first kept step, and unchanged by a skipped step. All tensor ops: no host sync."""
     norm = S.norm()
-    prev = state.get("fira_prev_norm")
-    if prev is not None:
-        if group["fira_floor"] > 0:  # a residual whose first norm was ~0 could otherwise stay locked at ~0
-            prev = prev.clamp(min=group["fira_floor"])
-        gamma = group["fira_gamma"]
-        limiter = (norm / (prev + 1e-8)).clamp(min=gamma) / gamma
-        S.div_(limiter)
-        norm = norm / limiter
-    state["fira_prev_norm"] = norm.detach().reshape(())
-    return S
+    prev = state.get(key)
+    if prev is None:
+        prev = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
+    base = prev.clamp(min=floor) if floor > 0 else prev  # a ~0 first norm could otherwise lock the residual at ~0
+    limiter = torch.where(prev >= 0, (norm / (base + 1e-8)).clamp(min=gamma) / gamma, torch.ones_like(norm))
+    S.div_(limiter)
+    state[key] = torch.where(keep.bool(), (norm / limiter).detach().reshape(()), prev)
 
 
-fira_rule.joins_update = True  # S takes the same bias-corrected step as the low-rank update
+class NoResidual:
+    kind, name, joins, options = "residual", "none", None, ()
+
+    def __call__(self, G, R, d, proj, state, group, keep):
+        return None
+
+    def expected_bytes(self, group) -> int:
+        return 0
+
+
+class FiraResidual:
+    """Fira: ``S = phi * residual`` with ``phi`` the per-channel norm ratio of the Adam direction to the projected
+    gradient, then the norm-growth limiter."""
+
+    kind, name, joins = "residual", "fira", "update"
+    options = (
+        Option("fira_gamma", 1.01, number(1.0), "Fira's limiter: the residual's norm grows at most this factor a step"),
+        Option("fira_residual", "reference", choice("reference", "paper"),
+               "`reference` phi(G - scale PPᵀG) (released code) or `paper` scale·phi(I - PPᵀ)G"),
+        Option("fira_floor", 0.0, number(0.0), "lower bound of the limiter's previous norm (0 = off, as Fira)"),
+    )
+
+    def __call__(self, G, R, d, proj, state, group, keep):
+        phi = channel_ratio(d, R, proj.side)
+        if group["fira_residual"] == "paper":  # scale * phi * (I - P P^T) G
+            S = outside(G, R, proj, state).mul_(phi).mul_(group["scale"])
+        else:  # reference code: phi * (G - scale * P P^T G)
+            S = outside(G, R, proj, state, coef=group["scale"]).mul_(phi)
+        limit_growth(S, state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep)
+        return S
+
+    def expected_bytes(self, group) -> int:
+        return 4  # the limiter's previous norm, an fp32 scalar
 
 
 def state_free_direction(x: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
@@ -66,12 +98,58 @@ def state_free_direction(x: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
     return x.sign() if kind == "signsgd" else x
 
 
-def frugal_rule(G, R, d: Direction, proj, state, group) -> Optional[torch.Tensor]:
+class FrugalResidual:
     """FRUGAL: a state-free step on the residual, at ``inactive_lr_scale`` times the learning rate."""
-    if group["inactive_update"] == "none":
-        return None
-    rest = state_free_direction(_outside(G, R, proj, state), group["inactive_update"])  # a fresh tensor
-    return rest.mul_(group["inactive_lr_scale"])
+
+    kind, name, joins = "residual", "frugal", "separate"
+    options = (
+        Option("inactive_update", "signsgd", choice("signsgd", "sgd", "none"),
+               "state-free rule outside the subspace: `signsgd`, `sgd` or `none`"),
+        Option("inactive_lr_scale", 1.0, number(0.0), "lr multiplier of the state-free step"),
+    )
+
+    def __call__(self, G, R, d, proj, state, group, keep):
+        if group["inactive_update"] == "none":
+            return None
+        rest = state_free_direction(outside(G, R, proj, state), group["inactive_update"])
+        return rest.mul_(group["inactive_lr_scale"])
+
+    def expected_bytes(self, group) -> int:
+        return 0
 
 
-RESIDUAL_RULES: Dict[str, Callable] = {"none": none_rule, "fira": fira_rule, "frugal": frugal_rule}
+class ApolloResidual:
+    """APOLLO: the Adam moments of the projected gradient only measure how much Adam would scale each channel; the
+    whole gradient is scaled by that ratio (``channel``, per row/column) or by one number (``tensor``), limited in
+    norm growth like Fira, and replaces the projected-back update."""
+
+    kind, name, joins = "residual", "apollo", "replace"
+    options = (
+        Option("scale_type", "channel", choice("channel", "tensor"),
+               "APOLLO's scaling: per channel, or one factor for the tensor (APOLLO-Mini)"),
+        Option("scale_front", False, choice(False, True),
+               "apply sqrt(scale) to the gradient before the limiter (apollo-torch's scale_front)"),
+        Option("apollo_gamma", 1.01, number(1.0), "norm-growth limiter of the scaled gradient"),
+    )
+
+    def __call__(self, G, R, d, proj, state, group, keep):
+        if group["scale_type"] == "tensor":
+            phi = d.direction.norm() / (R.norm() + 1e-8)
+        else:
+            phi = channel_ratio(d, R, proj.side)
+        S = G * phi
+        if group["scale_front"]:
+            S.mul_(group["scale"] ** 0.5)
+        limit_growth(S, state, "apollo_prev_norm", group["apollo_gamma"], 0.0, keep)
+        if not group["scale_front"]:
+            S.mul_(group["scale"] ** 0.5)
+        return S
+
+    def expected_bytes(self, group) -> int:
+        return 4
+
+
+RESIDUAL_RULES = {r.name: r for r in (NoResidual(), FiraResidual(), FrugalResidual(), ApolloResidual())}
+
+__all__ = ["RESIDUAL_RULES", "outside", "norm_dim", "channel_ratio", "limit_growth", "state_free_direction",
+           "where_keep"]

@@ -53,3 +53,9 @@ def rel_err(a, b):
 
 def params_of(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def lowrank_groups_for(model, rank=4, update_proj_gap=2, **kw):
+    from lowrank_optim import lowrank_param_groups
+
+    return lowrank_param_groups(model, rank=rank, update_proj_gap=update_proj_gap, **kw)

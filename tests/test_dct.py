@@ -60,6 +60,8 @@ def test_one_dct_matrix_per_size_and_index_only_state(monkeypatch):
                 assert isinstance(value, int), key
             elif key in ("exp_avg", "exp_avg_sq"):
                 assert value.shape[0] * value.shape[1] == 6 * max(p.shape)  # r x n or m x r moments
+            elif key == "moment_step":
+                assert value.dim() == 0  # the bias-correction count, a 0-dim tensor on the device
             else:
                 assert not value.is_floating_point() and value.numel() == 6, key  # indices only
     assert losses[-1] < losses[0]

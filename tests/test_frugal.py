@@ -188,8 +188,9 @@ def test_blocks_free_inactive_state():
         for i, p in enumerate(params):
             st = opt.state[p]
             assert st["block_active"] == int(i in active)
-            assert tensor_keys(st) == (["exp_avg", "exp_avg_sq"] if i in active else [])
-        assert opt.state_bytes() == sum(2 * 4 * params[i].numel() for i in active)
+            # moments and their bias-correction count (a 0-dim fp32 tensor on the device) only while active
+            assert tensor_keys(st) == (["exp_avg", "exp_avg_sq", "moment_step"] if i in active else [])
+        assert opt.state_bytes() == sum(2 * 4 * params[i].numel() + 4 for i in active)
         for v in (v for st in opt.state.values() for v in st.values()):
             assert isinstance(v, (torch.Tensor, int, float))
 

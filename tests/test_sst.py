@@ -122,8 +122,8 @@ def test_resample_schedule_and_reproducible():
         for t in range(10):
             train(model, opt, 1, start=t)
             st = opt.state[W]
-            trace.append((st["sst_idx"].clone(), st["proj_refreshes"], st["sst_svds"], st["adam_U.moment_step"],
-                          st["adam_sigma.moment_step"]))
+            trace.append((st["sst_idx"].clone(), st["proj_refreshes"], st["sst_svds"], int(st["adam_U.moment_step"]),
+                          int(st["adam_sigma.moment_step"])))  # counters are device tensors updated in place
         runs.append(trace)
     for a, b in zip(*runs):
         assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
@@ -305,7 +305,8 @@ def test_memory_formula():
     opt.step()
     m, n, k, r = 24, 16, 16, 4
     floats = (m + n + 1) * k + 2 * (m + n) * r + 2 * k
-    assert opt.state_bytes() == 4 * floats + 8 * r  # fp32 factors and moments + r int64 indices
+    # fp32 factors and moments + r int64 indices + three fp32 bias-correction counters (sigma, U_S, V_S)
+    assert opt.state_bytes() == 4 * floats + 8 * r + 3 * 4
 
 
 def test_svd_failure(monkeypatch):

@@ -50,7 +50,14 @@ class Projector:
         raise NotImplementedError
 
     # --- shared behaviour ---------------------------------------------------------------------------------------
-    def project(self, state: Dict, grad: torch.Tensor) -> torch.Tensor:
+    def covers(self, state: Dict) -> bool:
+        """Whether the subspace is the whole space (the update is then full-rank, e.g. an active FRUGAL block)."""
+        return False
+
+    def project(self, state: Dict, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """The projected gradient, or None for an empty subspace (rank 0: all of G is residual)."""
+        if self.rank == 0:
+            return None
         out = grad
         if self.side in ("left", "full"):
             out = self.basis(state, "left").t().matmul(out)
@@ -79,6 +86,23 @@ class Projector:
         project_back_apply_dense_triton(W, low, self.basis(state, self.side), self.side, lr, weight_decay, scale,
                                         residual=extra, residual_coef=1.0)
         return True
+
+    def fits(self, state: Dict) -> bool:
+        """Whether a saved basis in ``state`` has this projector's shape (rank, side, matrix): a change of the
+        group's settings, or a checkpoint of other settings, makes the engine compute a new basis."""
+        try:
+            return all(tuple(self.basis(state, which).shape) == (size, min(self.rank, *self.shape))
+                       for which, size in self.projected_dims())
+        except (KeyError, RuntimeError, IndexError):
+            return False
+
+    def overlap(self, old_state: Dict, new_state: Dict) -> float:
+        """How much of the old subspace the new one keeps, in [0, 1]: mean of ||P_old^T P_new||_F^2 / r."""
+        scores = []
+        for which, _ in self.projected_dims():
+            a, b = self.basis(old_state, which).float(), self.basis(new_state, which).float()
+            scores.append(float((a.t() @ b).pow(2).sum()) / max(1, min(a.shape[1], b.shape[1])))
+        return sum(scores) / max(1, len(scores))
 
     def low_rank_shape(self) -> Tuple[int, int]:
         m, n = self.shape

@@ -13,6 +13,8 @@ class ColumnsProjector(Projector):
 
     name = "columns"
     index_based = True
+    options = {"select": ("random", lambda x: None if x in ("random", "norm") else "valid: ['random', 'norm']",
+                          "`random` (seeded) or `norm` (the r largest rows/columns of G)")}
 
     def __init__(self, rank, side, shape, seed=0, select: str = "random", **options):
         super().__init__(rank, side, shape, seed, **options)

@@ -77,6 +77,10 @@ class DCTProjector(Projector):
     """Options: ``dct_norm`` "l1" (default) / "l2" ranks the coefficients; ``dct_impl`` "matmul" (default) / "fft"."""
 
     name = "dct"
+    options = {"dct_norm": ("l1", lambda x: None if x in ("l1", "l2") else "valid: ['l1', 'l2']",
+                            "how DCT coefficients are ranked"),
+               "dct_impl": ("matmul", lambda x: None if x in ("matmul", "fft") else "valid: ['matmul', 'fft']",
+                            "DCT by matrix multiply or by FFT (Makhoul)")}
     index_based = True
 
     def __init__(self, rank, side, shape, seed=0, dct_norm: str = "l1", dct_impl: str = "matmul", **options):

@@ -41,6 +41,10 @@ class RSVDProjector(SVDProjector):
     """Same stored layout as ``svd`` (proj_left m x r, proj_right n x r); only the factorisation differs."""
 
     name = "rsvd"
+    options = {"oversample": (10, lambda x: None if isinstance(x, int) and x >= 0 else "an int >= 0",
+                              "extra random directions of the range finder"),
+               "power_iters": (2, lambda x: None if isinstance(x, int) and x >= 0 else "an int >= 0",
+                               "power iterations of the range finder")}
 
     def __init__(self, rank, side, shape, seed=0, oversample: int = 10, power_iters: int = 2, **options):
         super().__init__(rank, side, shape, seed, **options)

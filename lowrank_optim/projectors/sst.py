@@ -35,6 +35,9 @@ class SSTProjector(SVDProjector):
     """Stores the sampled singular vectors like ``svd`` (proj_left m x r, proj_right n x r)."""
 
     name = "sst"
+    options = {"sst_weight": (0.5, lambda x: None if isinstance(x, (int, float)) and not isinstance(x, bool)
+                              and 0 <= x <= 1 else "a number in [0, 1]",
+                              "sampling mix p_i = (1-w)/k + w sigma_i / sum(sigma)")}
 
     def __init__(self, rank, side, shape, seed=0, sst_weight: float = 0.5, **options):
         super().__init__(rank, side, shape, seed, **options)

@@ -1,0 +1,100 @@
+"""Loading an optimizer state dict: checked against the optimizer before anything changes, dtypes kept.
+
+torch's ``Optimizer.load_state_dict`` casts floating state to each parameter's dtype; here fp32 moments of bf16
+weights, 8-bit codes and int64 indices come back exactly as saved (only the device follows the parameter). Group
+keys missing from an older or foreign dict come from the optimizer's defaults; a saved entry whose shape does not
+fit its parameter is refused with the parameter and the key named."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict
+
+import torch
+
+from .options import OptionError
+
+_METHOD_KEYS = ("projector", "inner", "residual", "route")
+
+
+def _foreign(state_dict: Dict) -> None:
+    try:
+        from .convert import foreign_state_message
+    except ImportError:  # pragma: no cover - convert is part of the package
+        return
+    message = foreign_state_message(state_dict)
+    if message:
+        raise ValueError(message)
+
+
+def check_and_load(opt, state_dict: Dict[str, Any]) -> None:
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("not an optimizer state dict (expected the keys 'state' and 'param_groups')")
+    _foreign(state_dict)
+    groups, saved_groups = opt.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has "
+                         f"{len(groups)}")
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if len(g["params"]) != len(sg["params"]):
+            raise ValueError(f"param group {i}: the loaded state dict has {len(sg['params'])} parameters, the "
+                             f"optimizer's group has {len(g['params'])}")
+    id_map = {pid: p for g, sg in zip(groups, saved_groups) for pid, p in zip(sg["params"], g["params"])}
+    new_groups = []
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        ng = {k: v for k, v in opt.defaults.items()}
+        ng.update({k: v for k, v in sg.items() if k != "params"})
+        ng["params"] = g["params"]
+        if "param_names" in g and "param_names" not in ng:
+            ng["param_names"] = g["param_names"]
+        changed = [k for k in _METHOD_KEYS if k in sg and sg[k] != g.get(k)]
+        if changed:
+            warnings.warn(f"param group {i}: the loaded state dict selects other parts ("
+                          + ", ".join(f"{k}={sg[k]!r} instead of {g.get(k)!r}" for k in changed)
+                          + "): the loaded settings are used")
+        opt._validate_group(ng, i)
+        new_groups.append(ng)
+    state = {}
+    for pid, saved in state_dict["state"].items():
+        if pid not in id_map:
+            continue
+        p = id_map[pid]
+        gi = next(i for i, sg in enumerate(saved_groups) if pid in sg["params"])
+        _check_entry(opt, new_groups[gi], gi, p, saved)
+        state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in saved.items()}
+    opt.state.clear()
+    opt.state.update(state)
+    for g, ng in zip(opt.param_groups, new_groups):
+        g.clear()
+        g.update(ng)
+
+
+def _check_entry(opt, group: Dict, gi: int, p: torch.Tensor, saved: Dict) -> None:
+    """Shapes of the saved moments and basis against what this parameter's group would create."""
+    from .optimizer import is_lowrank, matrix_shape
+
+    where = f"param group {gi}, parameter of shape {tuple(p.shape)}"
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: saved state is a {type(saved).__name__}, expected a dict")
+    lowrank = is_lowrank(group, p)
+    for key in ("exp_avg", "exp_avg_sq"):
+        v = saved.get(key)
+        if not isinstance(v, torch.Tensor):
+            continue
+        if not lowrank and tuple(v.shape) != tuple(p.shape):
+            raise OptionError(f"{where}: saved {key} has shape {tuple(v.shape)}, the parameter's is "
+                              f"{tuple(p.shape)}")
+        if lowrank and group.get("route") == "lowrank" and v.numel() and v.dim() == 2:
+            m, n = matrix_shape(p)
+            if v.shape[0] not in (m, n) and v.shape[1] not in (m, n) and "rank" in group:
+                raise OptionError(f"{where}: saved {key} of shape {tuple(v.shape)} fits neither side of the "
+                                  f"{m} x {n} matrix")
+    if lowrank and group.get("route") == "lowrank":
+        m, n = matrix_shape(p)
+        for key, size in (("proj_left", m), ("proj_right", n)):
+            v = saved.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] != size:
+                raise OptionError(f"{where}: saved {key} has {v.shape[0]} rows, the matrix side has {size}")
+
+
+__all__ = ["check_and_load"]
