@@ -65,11 +65,9 @@ def detect_source(state_dict: Any) -> Optional[str]:
 
     Per-parameter state decides first (pickled projectors, Fira's ``scaling_grad``, our own counters); a dict
     saved before any step is told apart by its group keys."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+    if not _is_optimizer_state_dict(state_dict) or not state_dict["param_groups"]:
         return None
     states, groups = _states(state_dict), _groups(state_dict)
-    if not groups:
-        return None
     for st in states:
         if any(k in st for k in _OWN_STATE_KEYS) or any(k.startswith("proj_") for k in st if isinstance(k, str)):
             return "lowrank_optim"
@@ -114,14 +112,15 @@ def convert_state_dict(state_dict: Dict, source: Optional[str] = None, optimizer
         optimizer: optional target optimizer: supplies the engine options the checkpoint does not define and is
             checked against it (same groups, same parameter counts and shapes, same ranks).
     Raises ValueError for a dict that is not recognised or cannot be converted exactly."""
-    detected = detect_source(state_dict)
-    if source is None:
-        source = detected
-        if source is None:
-            raise ValueError(_unrecognised(state_dict))
-    elif source not in SOURCES:
+    if source is not None and source not in SOURCES:
         raise ValueError(f"invalid source {source!r}; valid: {list(SOURCES)}")
-    if source == "lowrank_optim":
+    detected = detect_source(state_dict)
+    if detected is None and (source is None or not _is_optimizer_state_dict(state_dict)):
+        raise ValueError(_unrecognised(state_dict))
+    source = source or detected
+    if "lowrank_optim" in (source, detected):
+        if source != detected:  # converting our own dict again would drop its bases
+            raise ValueError(f"source={source!r}, but the dict is in {detected or 'an unrecognised'} format")
         return {**state_dict, "state": dict(state_dict["state"]),
                 "param_groups": [dict(g) for g in state_dict["param_groups"]]}
     groups = _groups(state_dict)
@@ -141,8 +140,14 @@ def convert_state_dict(state_dict: Dict, source: Optional[str] = None, optimizer
     return {"state": new_state, "param_groups": new_groups}
 
 
+def _is_optimizer_state_dict(state_dict: Any) -> bool:
+    return (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+            and isinstance(state_dict.get("param_groups"), (list, tuple))
+            and all(isinstance(g, dict) and "params" in g for g in state_dict["param_groups"]))
+
+
 def _unrecognised(state_dict: Any) -> str:
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+    if not _is_optimizer_state_dict(state_dict):
         got = sorted(map(str, state_dict))[:8] if isinstance(state_dict, dict) else type(state_dict).__name__
         return f"not an optimizer state dict (expected the keys 'state' and 'param_groups'; got {got})"
     keys = sorted({str(k) for st in _states(state_dict) for k in st})

@@ -184,7 +184,9 @@ def test_own_format_is_returned_unchanged():
     sd = opt.state_dict()
     out = convert_state_dict(sd)
     assert out["param_groups"] == sd["param_groups"] and out["state"].keys() == sd["state"].keys()
-    assert all(out["state"][k] is sd["state"][k] or out["state"][k] == sd["state"][k] for k in sd["state"])
+    assert all(out["state"][k] is sd["state"][k] for k in sd["state"])
+    with pytest.raises(ValueError, match="source='galore-torch', but the dict is in lowrank_optim format"):
+        convert_state_dict(sd, source="galore-torch")
 
 
 def test_moments_take_the_target_storage():
