@@ -38,7 +38,6 @@ _OWN_STATE_KEYS = ("moment_step", "proj_refreshes", "fira_prev_norm")
 _TORCH_GROUP_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 # bitsandbytes' Optimizer2State group keys (galore-torch's GaLoreAdamW8bit).
 _BNB_GROUP_KEYS = ("t_alpha", "t_beta3")
-_ADAFACTOR_KEYS = tuple(ADAFACTOR_DEFAULTS)
 _HF_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias")
 _LOWRANK_KEYS = ("rank", "update_proj_gap", "proj_type")
 
@@ -74,12 +73,12 @@ def detect_source(state_dict: Any) -> Optional[str]:
         proj = st.get("projector")
         if "scaling_grad" in st or (_is_projector_object(proj) and hasattr(proj, "alpha")):
             return "fira"
-        if _is_projector_object(proj) or "state1" in st or "RMS" in st:
+        if _is_projector_object(proj) or "RMS" in st:
             return "galore-torch"
     if all("inner" in g and "residual" in g for g in groups):
         return "lowrank_optim"
     if any(k in g for g in groups for k in _BNB_GROUP_KEYS):
-        return "galore-torch"
+        return "galore-torch" if any("rank" in g for g in groups) else None
     if any("rank" in g and "alpha" in g for g in groups):
         return "fira"
     if all("amsgrad" in g and "betas" in g for g in groups):
@@ -97,8 +96,11 @@ def foreign_state_message(state_dict: Any) -> Optional[str]:
     if source is None:
         return ("this is not a lowrank_optim optimizer state dict, nor one of a format that "
                 f"{_CALL} converts (galore-torch 1.0, fira 1.0.2, torch.optim.AdamW)")
-    what = {"galore-torch": "a galore-torch optimizer state dict (GaLoreProjector objects in its state)",
-            "fira": "a fira optimizer state dict (GradientProjector objects and scaling_grad in its state)",
+    if _is_8bit(state_dict):
+        return ("this is a galore-torch GaLoreAdamW8bit state dict, whose bitsandbytes 8-bit states cannot be "
+                "converted exactly to lowrank_optim's format: resume that run with galore-torch")
+    what = {"galore-torch": "a galore-torch (or HF-style AdamW / Adafactor) optimizer state dict",
+            "fira": "a fira optimizer state dict",
             "torch": "a torch.optim.Adam/AdamW state dict"}[source]
     return f"this is {what}, not in lowrank_optim's format: convert it first with {_CALL}"
 
@@ -138,6 +140,11 @@ def convert_state_dict(state_dict: Dict, source: Optional[str] = None, optimizer
         where = f"param group {gi}, parameter id {pid!r}"
         new_state[pid] = _convert_param_state(st, new_groups[gi], source, where, params.get(pid))
     return {"state": new_state, "param_groups": new_groups}
+
+
+def _is_8bit(state_dict: Dict) -> bool:
+    return (any(k in g for g in _groups(state_dict) for k in _BNB_GROUP_KEYS)
+            or any("state1" in st for st in _states(state_dict)))
 
 
 def _is_optimizer_state_dict(state_dict: Any) -> bool:

@@ -127,7 +127,7 @@ def _trained(make, groups_of=_groups, steps=3):
 
 def test_state_mapping_of_a_galore_torch_checkpoint():
     """Keys, counters and the basis orientation, read directly: right side stores Vh^T, left side U."""
-    model, ref = _trained(lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2), steps=7)
+    _, ref = _trained(lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2), steps=7)
     sd = ref.state_dict()
     out = convert_state_dict(sd)
     tall, wide = 0, 1  # attn (40 x 24: std projects the right side), mlp (24 x 40: left side)
@@ -197,7 +197,7 @@ def test_moments_take_the_target_storage():
     model = TinyNet()
     ours = GaLoreAdamW8bit(_groups(model), lr=1e-2, weight_decay=0.0, min_8bit_size=64)
     out = convert_state_dict(sd, optimizer=ours)
-    head = len(sd["param_groups"][0]["params"]) + 0  # first dense parameter: the 50 x 24 embedding
+    head = len(sd["param_groups"][0]["params"])  # the first dense parameter: the 50 x 24 embedding
     st = out["state"][head]
     assert "exp_avg" not in st and st["exp_avg_codes"].dtype == torch.uint8
     back = quant.dequantize_blockwise(st["exp_avg_codes"], st["exp_avg_absmax"], signed=True)
@@ -223,6 +223,11 @@ def test_unconvertible_dicts_raise_clear_errors():
     amsgrad.step()
     with pytest.raises(ValueError, match="amsgrad"):
         convert_state_dict(amsgrad.state_dict())
+    torch.manual_seed(0)
+    galore8 = galore_torch.GaLoreAdamW8bit(_groups(TinyNet()), lr=1e-2).state_dict()  # bitsandbytes states
+    assert detect_source(galore8) == "galore-torch" and "cannot be converted" in foreign_state_message(galore8)
+    with pytest.raises(ValueError, match="param group 0: bitsandbytes 8-bit states"):
+        convert_state_dict(galore8)
     with pytest.raises(ValueError, match="invalid source 'galore'"):
         convert_state_dict(adam.state_dict(), source="galore")
 
