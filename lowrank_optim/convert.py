@@ -242,15 +242,15 @@ def _convert_param_state(st: Dict, group: Dict, source: str, where: str, param: 
                              "projector (no ortho_matrix / proj_type)")
         if "rank" not in group:
             raise ValueError(f"{where}: a projector in a param group without 'rank'")
-        low_shape = _moment_shape(st, group, where)
+        low_shape = _moment_shape(st)
         if proj.ortho_matrix is not None and low_shape is not None:
             out.update(_basis(proj, low_shape, group, where, param))
             gap = int(getattr(proj, "update_proj_gap", group["update_proj_gap"]))
             # galore-torch refreshes before the steps 0, gap, 2 gap, ... that have run: ceil(step / gap) bases
             out["proj_refreshes"] = max(1, (step + gap - 1) // gap)
-    elif param is not None and _moment_shape(st, group, where) not in (None, tuple(param.shape)):
-        raise ValueError(f"{where}: the saved moments have shape {_moment_shape(st, group, where)}, the "
-                         f"optimizer's parameter {tuple(param.shape)}")
+    elif param is not None and _moment_shape(st) not in (None, tuple(param.shape)):
+        raise ValueError(f"{where}: the saved moments have shape {_moment_shape(st)}, the optimizer's "
+                         f"parameter {tuple(param.shape)}")
     _copy_moments(st, out, group, where)
     if "scaling_grad" in st:
         norm = st["scaling_grad"]
@@ -269,7 +269,7 @@ def _as_int(x: Any, where: str) -> int:
     return int(value)
 
 
-def _moment_shape(st: Dict, group: Dict, where: str) -> Optional[Tuple[int, ...]]:
+def _moment_shape(st: Dict) -> Optional[Tuple[int, ...]]:
     """The shape the inner rule saw: the projected gradient's for a low-rank parameter."""
     for key in ("exp_avg", "exp_avg_sq"):
         if isinstance(st.get(key), torch.Tensor):

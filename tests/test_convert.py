@@ -52,6 +52,7 @@ def _resume(make_ref, make_ours, groups_of, before, after=8, use_optimizer=True)
     model2.load_state_dict(saved["model"])
     ours = make_ours(groups_of(model2))
     converted = convert_state_dict(saved["opt"], optimizer=ours if use_optimizer else None)
+    assert detect_source(converted) == "lowrank_optim" and foreign_state_message(converted) is None
     ours.load_state_dict(_save_load(converted, weights_only=True))  # tensors and numbers only
     train(model, ref, data[before:])
     train(model2, ours, data[before:])
@@ -246,6 +247,12 @@ def test_mismatched_optimizer_is_refused():
     groups[0]["params"] = groups[0]["params"][::-1]
     with pytest.raises(ValueError, match=r"param group 0, parameter id 0: the checkpoint's weight has shape"):
         convert_state_dict(sd, optimizer=GaLoreAdamW(groups))
+    dense = list(model.parameters())
+    adamw = torch.optim.AdamW(dense)
+    train(model, adamw, batches(1))
+    moved = r"parameter id 1: the saved moments have shape \(40, 24\), the optimizer's parameter \(24,\)"
+    with pytest.raises(ValueError, match=moved):
+        convert_state_dict(adamw.state_dict(), optimizer=GaLoreAdamW(dense[::-1]))
     # torch AdamW trained everything densely: its full-size moments do not fit a low-rank group
     adamw = torch.optim.AdamW([{"params": g["params"]} for g in _groups(model)])
     with pytest.raises(ValueError, match="param group 0: the checkpoint's rank is None, the optimizer's 4"):
