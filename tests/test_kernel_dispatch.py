@@ -41,7 +41,7 @@ def test_triton_path_equals_torch_path(make):
 
 
 def test_forced_backend_really_runs_the_kernels(monkeypatch):
-    import triton_kernels.projection as projection
+    import lowrank_optim.kernels.projection as projection
 
     calls = {"dense": 0, "rows": 0}
     real_dense, real_rows = projection.project_back_apply_dense_triton, projection.project_back_apply_triton

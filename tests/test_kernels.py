@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from lowrank_optim import quant as Q  # noqa: E402
-from triton_kernels import interpreter_enabled  # noqa: E402
-from triton_kernels import adam8bit, projection, quant8  # noqa: E402
+from lowrank_optim.kernels import interpreter_enabled  # noqa: E402
+from lowrank_optim.kernels import adam8bit, projection, quant8  # noqa: E402
 
 INTERPRETED = interpreter_enabled()
 if not INTERPRETED and not torch.cuda.is_available():

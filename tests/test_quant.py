@@ -180,9 +180,9 @@ def test_env_var_no_triton_and_forced_triton_error():
         from lowrank_optim import quant
         assert quant.get_backend() == "torch", quant.get_backend()
         quant.dequantize_blockwise(*quant.quantize_blockwise(torch.randn(300), True), True)
-        import triton_kernels
-        from triton_kernels.projection import project_rows_torch
-        assert not triton_kernels.triton_available()
+        import lowrank_optim.kernels as kernels
+        from lowrank_optim.kernels.projection import project_rows_torch
+        assert not kernels.triton_available()
         quant.set_backend("triton")
         try:
             quant.quantize_blockwise(torch.randn(300), True)

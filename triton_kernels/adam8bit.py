@@ -6,11 +6,12 @@ write codes/absmax in place.  Optional direction norms per column (dim 0) or per
 are accumulated with fp32 atomics into a sum-of-squares buffer; a sqrt of that small vector
 follows.  Atomics make the norms' last bits run-to-run nondeterministic (summation order);
 direction and codes are deterministic.  The torch reference is
-``lowrank_optim.quant.adam8bit_step_torch`` (re-exported here).
+``lowrank_optim.quant.torch_path.adam8bit_step_torch`` (re-exported here).
 """
 import torch
 
-from lowrank_optim.quant import BLOCK, adam8bit_step_torch, dynamic_map, num_blocks
+from lowrank_optim.quant.format import BLOCK, dynamic_map, num_blocks
+from lowrank_optim.quant.torch_path import adam8bit_step_torch
 
 from . import jit, require_triton, tl
 from .quant8 import block_offsets, blocks_per_program, quantize_tile, triton_cdiv

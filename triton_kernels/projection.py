@@ -55,8 +55,12 @@ def project_back_rows_torch(low, B, idx, side):
     return _mm(low, rows) if side == "right" else _mm(rows.T, low).to(low.dtype)
 
 
-def _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coef):
-    update = scale * back.float()
+def project_back_apply_dense_torch(W, low, P, side, lr, weight_decay, scale, residual=None, residual_coef=0.0):
+    """The one torch reference of the fused update, in fp32, rounded once to W's dtype:
+    ``W <- W (1 - lr wd) - lr (scale * back + residual_coef * residual)``, back = low @ P.T (right) or P @ low."""
+    _check_side(side)
+    back = low.float() @ P.float().T if side == "right" else P.float() @ low.float()
+    update = scale * back
     if residual is not None:
         update = update + residual_coef * residual.float()
     W.copy_(W.float() * (1.0 - lr * weight_decay) - lr * update)
@@ -64,14 +68,8 @@ def _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coe
 
 
 def project_back_apply_torch(W, low, B, idx, side, lr, weight_decay, scale, residual=None, residual_coef=0.0):
-    back = project_back_rows_torch(low.float(), B.float(), idx, side)
-    return _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coef)
-
-
-def project_back_apply_dense_torch(W, low, P, side, lr, weight_decay, scale, residual=None, residual_coef=0.0):
-    _check_side(side)
-    back = low.float() @ P.float().T if side == "right" else P.float() @ low.float()
-    return _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coef)
+    """The rows variant: the basis is B[idx].T (right: back = low @ B[idx]; left: B[idx].T @ low)."""
+    return project_back_apply_dense_torch(W, low, B[idx].T, side, lr, weight_decay, scale, residual, residual_coef)
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -1,6 +1,6 @@
-"""Blockwise 8-bit dynamic quantization kernels (format defined in ``lowrank_optim.quant``).
+"""Blockwise 8-bit dynamic quantization kernels (format defined in ``lowrank_optim.quant.format``).
 
-The torch reference lives with the format in ``lowrank_optim.quant`` and is re-exported here
+The torch reference is ``lowrank_optim.quant.torch_path`` (the CPU path), re-exported here
 under the ``*_torch`` names, so kernel and reference sit side by side without two copies.
 Each program handles ``NB`` blocks of ``BLOCK`` elements as an [NB, BLOCK] tile.  Kernels are
 launched with ``enable_fp_fusion=False`` and use IEEE ``div_rn``/``sqrt_rn`` so that their fp32
@@ -8,7 +8,8 @@ arithmetic (hence the codes) is bit-identical to the torch reference on GPU as w
 """
 import torch
 
-from lowrank_optim.quant import BLOCK, dequantize_blockwise_torch, dynamic_map, num_blocks, quantize_blockwise_torch
+from lowrank_optim.quant.format import BLOCK, dynamic_map, num_blocks
+from lowrank_optim.quant.torch_path import dequantize_blockwise_torch, quantize_blockwise_torch
 
 from . import interpreter_enabled, jit, require_triton, tl
 
@@ -19,8 +20,8 @@ __all__ = ["quantize_blockwise_torch", "quantize_blockwise_triton",
 @jit
 def nearest_code(x, map_ptr):
     """Index of the nearest entry of the sorted 256-entry map for each x (ties -> lower index).
-    8-step binary search for lo = last entry <= x (0 if none), then compare with lo + 1.
-    Same comparisons and fp32 arithmetic as the torch reference -> identical codes."""
+    8-step binary search for lo = last entry <= x (0 if none), then compare with lo + 1: the format's rounding
+    rule, whose lookup table the torch path reads -> identical codes."""
     lo = tl.zeros(x.shape, dtype=tl.int32)
     for k in tl.static_range(8):
         cand = lo + (128 >> k)
