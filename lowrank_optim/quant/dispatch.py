@@ -6,8 +6,9 @@ without triton) for CUDA tensors, the torch path otherwise.
 Self-check: the first time a kernel runs on a CUDA device (per kernel, device, argument dtypes and variant), it is
 run on a small input against its torch reference (``lowrank_optim.kernels.selfcheck``).  On a compile error or a
 mismatch it warns once, naming the kernel and the error, and that kernel uses the torch path from then on; with the
-backend forced to "triton" it raises instead.  Kernels run on CPU tensors (Triton interpreter) are not self-checked
-unless ``SELF_CHECK_CPU`` is set (tests do, to exercise the fallback).
+backend forced to "triton" it raises instead.  Kernels run on CPU tensors (forced backend, Triton interpreter) are
+not self-checked, unless the test-only switch ``CPU_AS_DEVICE`` is set: then, under ``TRITON_INTERPRET=1``, CPU
+tensors are treated like CUDA ones (the "auto" backend sends them to the kernels, self-checked first).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .format import BLOCK, num_blocks
 from .torch_path import adam8bit_step_torch, dequantize_blockwise_torch, quantize_blockwise_torch
 
 BACKENDS = ("auto", "torch", "triton")
-SELF_CHECK_CPU = False  # test-only: also self-check kernels on CPU tensors (under TRITON_INTERPRET=1)
+CPU_AS_DEVICE = False  # test-only: under TRITON_INTERPRET=1, CPU tensors get the CUDA treatment (see above)
 
 
 def _check_backend(name: str) -> str:
@@ -49,12 +50,12 @@ def get_backend() -> str:
 def kernels_for(t: torch.Tensor) -> bool:
     """Whether the backend sends ``t`` to the Triton kernels (CUDA by default, or forced).  A kernel that failed
     its self-check still falls back to torch: see :func:`try_kernel`."""
-    if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda):
+    if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda and not CPU_AS_DEVICE):
         return False  # decided without importing triton
     from lowrank_optim.kernels import interpreter_enabled, triton_available
 
     if _BACKEND == "auto":
-        return triton_available()
+        return triton_available() and (t.is_cuda or interpreter_enabled())
     if not triton_available():
         raise RuntimeError("quant backend 'triton' was forced but triton cannot be imported")
     if not t.is_cuda and not interpreter_enabled():
@@ -107,7 +108,7 @@ def kernel_function(name: str) -> Callable:
 
 
 def _passes_self_check(name: str, device: torch.device, dtypes: Tuple, variant) -> bool:
-    if device.type != "cuda" and not SELF_CHECK_CPU:
+    if device.type != "cuda" and not CPU_AS_DEVICE:
         return True
     key = (name, device, dtypes, variant)
     ok = _CHECKED.get(key)
@@ -177,5 +178,5 @@ def adam8bit_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1: float, beta
     return out if out is not None else adam8bit_step_torch(*args, col_norm_dim=col_norm_dim)
 
 
-__all__ = ["BACKENDS", "SELF_CHECK_CPU", "KERNELS", "set_backend", "get_backend", "kernels_for", "try_kernel",
+__all__ = ["BACKENDS", "CPU_AS_DEVICE", "KERNELS", "set_backend", "get_backend", "kernels_for", "try_kernel",
            "kernel_function", "reset_self_checks", "quantize_blockwise", "dequantize_blockwise", "adam8bit_step"]
