@@ -19,7 +19,7 @@ ALIASES = {"triton_kernels": "lowrank_optim.kernels", "lowrank_optim.benchmarks"
 def _canonical(name: str) -> str:
     for alias, real in ALIASES.items():
         if name == alias or name.startswith(alias + "."):
-            return real + name[len(alias):]
+            return real + name[len(alias) :]
     return name
 
 
@@ -86,7 +86,7 @@ def find_cycle(edges: Dict[str, Set[str]]) -> Optional[List[str]]:
         stack.append(node)
         for dep in sorted(edges.get(node, ())):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:

@@ -12,7 +12,7 @@ from lowrank_optim.quant import dispatch
 
 pytest.importorskip("triton")
 
-from lowrank_optim.kernels import adam8bit, interpreter_enabled, projection, quant8, selfcheck  # noqa: E402
+from lowrank_optim.kernels import adam8bit, interpreter_enabled, projection, quant8, selfcheck
 
 if not interpreter_enabled():
     pytest.skip("simulates a device through the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
@@ -93,7 +93,10 @@ def test_wrong_adam_codes_fall_back_to_torch(device_like_cpu, monkeypatch):
 
 def _galore_run(steps=3):
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.nn.Parameter(torch.randn(40, 64, generator=gen)), torch.nn.Parameter(torch.randn(64, 40, generator=gen))]
+    weights = [
+        torch.nn.Parameter(torch.randn(40, 64, generator=gen)),
+        torch.nn.Parameter(torch.randn(64, 40, generator=gen)),
+    ]
     grads = [[torch.randn(p.shape, generator=gen) for p in weights] for _ in range(steps)]
     opt = GaLoreAdamW([{"params": weights, "rank": 8, "update_proj_gap": 2}], lr=1e-2, weight_decay=0.1)
     for gs in grads:
@@ -135,8 +138,9 @@ def test_every_real_kernel_passes_its_self_check():
 
 
 def test_self_check_catches_mismatch_directly(monkeypatch):
-    monkeypatch.setattr(projection, "project_rows_triton", lambda G, B, idx, side: projection.project_rows_torch(
-        G, B, idx, side) * 1.01)
+    monkeypatch.setattr(
+        projection, "project_rows_triton", lambda G, B, idx, side: projection.project_rows_torch(G, B, idx, side) * 1.01
+    )
     with pytest.raises(selfcheck.KernelMismatch, match="project_rows"):
         selfcheck.run("project_rows", "cpu", (torch.float32, torch.float32), "right")
     with pytest.raises(ValueError, match="no self-check"):

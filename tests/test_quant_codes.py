@@ -113,8 +113,9 @@ def test_quantize_dequantize_identical(signed, n, monkeypatch):
     codes, absmax = torch_path.quantize_blockwise_torch(x, signed)
     ref_codes, ref_absmax = ref_quantize(x, signed)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
-    assert torch.equal(torch_path.dequantize_blockwise_torch(codes, absmax, signed),
-                       ref_dequantize(codes, absmax, signed))
+    assert torch.equal(
+        torch_path.dequantize_blockwise_torch(codes, absmax, signed), ref_dequantize(codes, absmax, signed)
+    )
 
 
 def test_quantize_identical_for_strided_half_and_non_finite_input():

@@ -6,6 +6,7 @@ Each program handles ``NB`` blocks of ``BLOCK`` elements as an [NB, BLOCK] tile.
 launched with ``enable_fp_fusion=False`` and use IEEE ``div_rn``/``sqrt_rn`` so that their fp32
 arithmetic (hence the codes) is bit-identical to the torch reference on GPU as well.
 """
+
 import torch
 
 from lowrank_optim.quant.format import BLOCK, dynamic_map, num_blocks
@@ -13,8 +14,13 @@ from lowrank_optim.quant.torch_path import dequantize_blockwise_torch, quantize_
 
 from . import interpreter_enabled, jit, require_triton, tl
 
-__all__ = ["quantize_blockwise_torch", "quantize_blockwise_triton",
-           "dequantize_blockwise_torch", "dequantize_blockwise_triton", "blocks_per_program"]
+__all__ = [
+    "quantize_blockwise_torch",
+    "quantize_blockwise_triton",
+    "dequantize_blockwise_torch",
+    "dequantize_blockwise_triton",
+    "blocks_per_program",
+]
 
 
 @jit
@@ -48,8 +54,7 @@ def block_offsets(NB: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @jit
-def _quantize_kernel(x_ptr, map_ptr, codes_ptr, absmax_ptr, n, nblocks,
-                     NB: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, map_ptr, codes_ptr, absmax_ptr, n, nblocks, NB: tl.constexpr, BLOCK: tl.constexpr):
     blk, offs = block_offsets(NB, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -59,8 +64,7 @@ def _quantize_kernel(x_ptr, map_ptr, codes_ptr, absmax_ptr, n, nblocks,
 
 
 @jit
-def _dequantize_kernel(codes_ptr, absmax_ptr, map_ptr, out_ptr, n, nblocks,
-                       NB: tl.constexpr, BLOCK: tl.constexpr):
+def _dequantize_kernel(codes_ptr, absmax_ptr, map_ptr, out_ptr, n, nblocks, NB: tl.constexpr, BLOCK: tl.constexpr):
     blk, offs = block_offsets(NB, BLOCK)
     mask = offs < n
     codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -88,8 +92,8 @@ def quantize_blockwise_triton(x: torch.Tensor, signed: bool):
     if n:
         nb = blocks_per_program(nblocks)
         _quantize_kernel[(triton_cdiv(nblocks, nb),)](
-            xc, dynamic_map(signed, x.device), codes, absmax, n, nblocks, NB=nb, BLOCK=BLOCK,
-            enable_fp_fusion=False)
+            xc, dynamic_map(signed, x.device), codes, absmax, n, nblocks, NB=nb, BLOCK=BLOCK, enable_fp_fusion=False
+        )
     return codes, absmax
 
 
@@ -103,8 +107,16 @@ def dequantize_blockwise_triton(codes: torch.Tensor, absmax: torch.Tensor, signe
     if n:
         nb = blocks_per_program(nblocks)
         _dequantize_kernel[(triton_cdiv(nblocks, nb),)](
-            codes.contiguous(), absmax.contiguous(), dynamic_map(signed, codes.device), out, n, nblocks,
-            NB=nb, BLOCK=BLOCK, enable_fp_fusion=False)
+            codes.contiguous(),
+            absmax.contiguous(),
+            dynamic_map(signed, codes.device),
+            out,
+            n,
+            nblocks,
+            NB=nb,
+            BLOCK=BLOCK,
+            enable_fp_fusion=False,
+        )
     return out
 
 

@@ -74,7 +74,8 @@ def _equal(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:
 def check_quantize(device, dtypes, signed) -> float:
     gen = _generator()
     x = _randn(3 * BLOCK + 77, torch.float32, "cpu", gen) * 10.0 ** torch.empty(3 * BLOCK + 77).uniform_(
-        -7, 1, generator=gen)
+        -7, 1, generator=gen
+    )
     x[BLOCK : 2 * BLOCK] = 0  # an all-zero block
     x = (x if signed else x * x).to(device=device, dtype=dtypes[0])
     codes, absmax = quant8.quantize_blockwise_triton(x, signed)
@@ -123,8 +124,9 @@ def check_project_rows(device, dtypes, side) -> float:
     B, idx = _basis(_D, _D, dtypes[1], device, gen), torch.randperm(_D, generator=gen)[:_R].to(device)
     G = _randn((_OTHER, _D) if side == "right" else (_D, _OTHER), dtypes[0], device, gen)
     out = projection.project_rows_triton(G, B, idx, side)
-    return _close("project_rows", out, projection.project_rows_torch(G, B, idx, side),
-                  _tolerance(*dtypes, device=device))
+    return _close(
+        "project_rows", out, projection.project_rows_torch(G, B, idx, side), _tolerance(*dtypes, device=device)
+    )
 
 
 def check_project_back_rows(device, dtypes, side) -> float:
@@ -132,8 +134,12 @@ def check_project_back_rows(device, dtypes, side) -> float:
     B, idx = _basis(_D, _D, dtypes[1], device, gen), torch.randperm(_D, generator=gen)[:_R].to(device)
     low = _randn((_OTHER, _R) if side == "right" else (_R, _OTHER), dtypes[0], device, gen)
     out = projection.project_back_rows_triton(low, B, idx, side)
-    return _close("project_back_rows", out, projection.project_back_rows_torch(low, B, idx, side),
-                  _tolerance(*dtypes, device=device))
+    return _close(
+        "project_back_rows",
+        out,
+        projection.project_back_rows_torch(low, B, idx, side),
+        _tolerance(*dtypes, device=device),
+    )
 
 
 def _apply_inputs(dtypes, side, device, gen, basis_rows):

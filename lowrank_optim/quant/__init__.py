@@ -1,10 +1,10 @@
 """8-bit optimizer states: blockwise dynamic quantization.
 
-  * ``format``: the format itself (block size, maps, rounding rule and its lookup table); the Triton kernels
-    import it too.
-  * ``torch_path``: the format in torch ops (CPU path, and the kernels' reference).
-  * ``dispatch``: backend choice, Triton dispatch with a self-check per kernel, and the public entry points
-    re-exported here.
+* ``format``: the format itself (block size, maps, rounding rule and its lookup table); the Triton kernels
+  import it too.
+* ``torch_path``: the format in torch ops (CPU path, and the kernels' reference).
+* ``dispatch``: backend choice, Triton dispatch with a self-check per kernel, and the public entry points
+  re-exported here.
 """
 
 from .dispatch import (
@@ -21,8 +21,21 @@ from .format import BLOCK, MIN_8BIT_SIZE, dynamic_map, num_blocks, use_8bit, zer
 from .torch_path import adam8bit_step_torch, dequantize_blockwise_torch, quantize_blockwise_torch
 
 __all__ = [
-    "BLOCK", "MIN_8BIT_SIZE", "use_8bit", "num_blocks", "dynamic_map", "zero_state",
-    "quantize_blockwise", "dequantize_blockwise", "adam8bit_step",
-    "quantize_blockwise_torch", "dequantize_blockwise_torch", "adam8bit_step_torch",
-    "BACKENDS", "set_backend", "get_backend", "kernels_for", "try_kernel",
+    "BLOCK",
+    "MIN_8BIT_SIZE",
+    "use_8bit",
+    "num_blocks",
+    "dynamic_map",
+    "zero_state",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "adam8bit_step",
+    "quantize_blockwise_torch",
+    "dequantize_blockwise_torch",
+    "adam8bit_step_torch",
+    "BACKENDS",
+    "set_backend",
+    "get_backend",
+    "kernels_for",
+    "try_kernel",
 ]

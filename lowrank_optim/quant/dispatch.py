@@ -59,8 +59,10 @@ def kernels_for(t: torch.Tensor) -> bool:
     if not triton_available():
         raise RuntimeError("quant backend 'triton' was forced but triton cannot be imported")
     if not t.is_cuda and not interpreter_enabled():
-        raise RuntimeError("quant backend 'triton' on CPU tensors needs the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported, or use backend 'auto'/'torch'")
+        raise RuntimeError(
+            "quant backend 'triton' on CPU tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported, or use backend 'auto'/'torch'"
+        )
     return True
 
 
@@ -90,8 +92,11 @@ def _dense_apply_key(W, low, P, side, lr, weight_decay, scale, residual=None, re
 KERNELS: Dict[str, Tuple[str, str, Callable]] = {
     "quantize_blockwise": ("quant8", "quantize_blockwise_triton", lambda x, signed: (_dtypes(x), bool(signed))),
     "dequantize_blockwise": ("quant8", "dequantize_blockwise_triton", lambda c, a, signed: ((), bool(signed))),
-    "adam8bit_step": ("adam8bit", "adam8bit_step_triton",
-                      lambda g, *state_and_hparams, col_norm_dim=None: (_dtypes(g), _adam_variant(g, col_norm_dim))),
+    "adam8bit_step": (
+        "adam8bit",
+        "adam8bit_step_triton",
+        lambda g, *state_and_hparams, col_norm_dim=None: (_dtypes(g), _adam_variant(g, col_norm_dim)),
+    ),
     "project_rows": ("projection", "project_rows_triton", lambda G, B, idx, side: (_dtypes(G, B), side)),
     "project_back_rows": ("projection", "project_back_rows_triton", lambda low, B, idx, side: (_dtypes(low, B), side)),
     "project_back_apply": ("projection", "project_back_apply_triton", _rows_apply_key),
@@ -164,8 +169,17 @@ def _check_state(grad, codes, absmax, name):
         raise ValueError(f"{name}_absmax must be contiguous fp32 with {num_blocks(grad.numel())} elements")
 
 
-def adam8bit_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1: float, beta2: float, eps: float,
-                  col_norm_dim: Optional[int] = None):
+def adam8bit_step(
+    grad,
+    m_codes,
+    m_absmax,
+    v_codes,
+    v_absmax,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    col_norm_dim: Optional[int] = None,
+):
     """One Adam moment update on 8-bit state, in place.  Returns ``direction = m / (sqrt(v) + eps)`` (fp32, grad's
     shape, no bias correction) and, if ``col_norm_dim`` is 0 or 1 (2-D grads only), also the L2 norms of
     ``direction`` reduced over that dim."""
@@ -178,5 +192,17 @@ def adam8bit_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1: float, beta
     return out if out is not None else adam8bit_step_torch(*args, col_norm_dim=col_norm_dim)
 
 
-__all__ = ["BACKENDS", "CPU_AS_DEVICE", "KERNELS", "set_backend", "get_backend", "kernels_for", "try_kernel",
-           "kernel_function", "reset_self_checks", "quantize_blockwise", "dequantize_blockwise", "adam8bit_step"]
+__all__ = [
+    "BACKENDS",
+    "CPU_AS_DEVICE",
+    "KERNELS",
+    "set_backend",
+    "get_backend",
+    "kernels_for",
+    "try_kernel",
+    "kernel_function",
+    "reset_self_checks",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "adam8bit_step",
+]

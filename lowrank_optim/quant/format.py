@@ -171,5 +171,15 @@ def code_table(signed: bool, device=None) -> CodeTable:
     return table
 
 
-__all__ = ["BLOCK", "MIN_8BIT_SIZE", "use_8bit", "num_blocks", "dynamic_map", "zero_code", "zero_state",
-           "switch_thresholds", "CodeTable", "code_table"]
+__all__ = [
+    "BLOCK",
+    "MIN_8BIT_SIZE",
+    "use_8bit",
+    "num_blocks",
+    "dynamic_map",
+    "zero_code",
+    "zero_state",
+    "switch_thresholds",
+    "CodeTable",
+    "code_table",
+]

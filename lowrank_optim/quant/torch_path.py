@@ -157,8 +157,9 @@ def dequantize_blockwise_torch(codes: torch.Tensor, absmax: torch.Tensor, signed
     return out.view(codes.shape)
 
 
-def adam8bit_step_torch(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
-                        col_norm_dim: Optional[int] = None):
+def adam8bit_step_torch(
+    grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, col_norm_dim: Optional[int] = None
+):
     """One Adam moment update on 8-bit state, in place (codes must be contiguous); returns
     ``direction = m / (sqrt(v) + eps)`` and, with ``col_norm_dim``, its L2 norms over that dim.
     Per chunk: m = deq(m) * beta1 + g * (1 - beta1); v = deq(v) * beta2 + g * g * (1 - beta2), then the
