@@ -8,7 +8,8 @@ Per size (a 2-D parameter of ``size / 1024`` x 1024 elements, fp32):
   * optimizer step: ``GaLoreAdamW8bit`` on the parameter as a dense group (8-bit AdamW) vs
     ``bitsandbytes.optim.AdamW8bit``; both update the weights (bias correction, weight decay);
   * the 8-bit update alone: ``quant.adam8bit_step`` plus the decay and weight update (two in-place ops), without
-    the optimizer's bookkeeping, against the same bitsandbytes step.
+    the optimizer's bookkeeping, against the same bitsandbytes step; and ``quant.adam8bit_step`` alone (moments
+    and direction, no weight update).
 Times are medians of ``--reps`` runs after one warm-up; ratio = ours / bitsandbytes (below 1: ours is faster).
 """
 
@@ -75,6 +76,8 @@ def bench_size(numel: int, reps: int):
         weight.add_(direction, alpha=-1e-3)
 
     rows.append(("8-bit Adam update alone (ours) vs bnb step", median_ms(update_only, reps), bnb_ms))
+    moments_ms = median_ms(lambda: quant.adam8bit_step(ours_p.grad, *state, 0.9, 0.999, 1e-8), reps)
+    rows.append(("moments + direction only (quant.adam8bit_step) vs bnb step", moments_ms, bnb_ms))
     return rows
 
 
@@ -87,7 +90,7 @@ def main(argv=None):
     lines = [
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); medians of "
-        f"{args.reps} reps",
+        f"{args.reps} reps; load average at start {os.getloadavg()[0]:.1f} (other processes share the CPU)",
         "",
         "| elements | operation | ours (ms) | bitsandbytes (ms) | ours / bnb |",
         "|---|---|---|---|---|",
