@@ -25,7 +25,7 @@ DEVICE_CHUNK = 1 << 22
 def _serial(device: torch.device):
     """Run the chunk loop's CPU ops on the calling thread only: each op is small, so OpenMP's fork/join per op
     costs more than it saves, and stalls badly when the cores are shared (measured: 4M-element Adam step 60 ms
-    serial vs 1.2 s with 2 threads on a busy 2-core machine).  The OpenMP thread count is per calling thread."""
+    serial vs 1.2 s with 2 threads on a busy 2-core machine).  The thread count is restored on exit."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
