@@ -1,10 +1,11 @@
 """The optimizer's Triton path (chosen on CUDA; forced here through the interpreter) equals its torch path:
 fused project-back + apply for explicit and DCT bases, DCT projection by gathered rows, fused 8-bit Adam.
 Gradients are fixed in advance, so both paths see the same bases and only the kernels differ."""
+
 import pytest
 import torch
-
 from helpers import rel_err
+
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, quant
 
 pytest.importorskip("triton")
@@ -29,19 +30,23 @@ def _run(backend, make, steps=5):
         quant.set_backend("auto")
 
 
-@pytest.mark.parametrize("make", [
-    lambda g: GaLoreAdamW(g, lr=1e-2, weight_decay=0.1),
-    lambda g: FiraAdamW(g, lr=1e-2),
-    lambda g: DCTAdamW(g, lr=1e-2, weight_decay=0.1),
-    lambda g: GaLoreAdamW(g, lr=1e-2, state_bits=8),
-], ids=["galore", "fira", "dct", "galore8bit"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: GaLoreAdamW(g, lr=1e-2, weight_decay=0.1),
+        lambda g: FiraAdamW(g, lr=1e-2),
+        lambda g: DCTAdamW(g, lr=1e-2, weight_decay=0.1),
+        lambda g: GaLoreAdamW(g, lr=1e-2, state_bits=8),
+    ],
+    ids=["galore", "fira", "dct", "galore8bit"],
+)
 def test_triton_path_equals_torch_path(make):
     for a, b in zip(_run("triton", make), _run("torch", make)):
         assert rel_err(a, b) < 1e-6
 
 
 def test_forced_backend_really_runs_the_kernels(monkeypatch):
-    import triton_kernels.projection as projection
+    import lowrank_optim.kernels.projection as projection
 
     calls = {"dense": 0, "rows": 0}
     real_dense, real_rows = projection.project_back_apply_dense_triton, projection.project_back_apply_triton

@@ -4,14 +4,14 @@ On CPU the kernels run through the Triton interpreter (tests/conftest.py sets TR
 fp32 and fp16 only there (the interpreter mishandles bf16).  On a CUDA machine run with
 ``TRITON_INTERPRET=0`` to test the compiled kernels, bf16 included.
 """
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from lowrank_optim import quant as Q  # noqa: E402
-from triton_kernels import interpreter_enabled  # noqa: E402
-from triton_kernels import adam8bit, projection, quant8  # noqa: E402
+from lowrank_optim import quant as Q
+from lowrank_optim.kernels import adam8bit, interpreter_enabled, projection, quant8
 
 INTERPRETED = interpreter_enabled()
 if not INTERPRETED and not torch.cuda.is_available():
@@ -49,16 +49,17 @@ def _make(shape, dtype, noncontig):
 # ----------------------------------------------------------------------------- quantize / dequantize
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("shape,noncontig", [((300,), False), ((33, 70), False), ((70, 33), True),
-                                             ((4, 5, 300), False)])
+@pytest.mark.parametrize(
+    "shape,noncontig", [((300,), False), ((33, 70), False), ((70, 33), True), ((4, 5, 300), False)]
+)
 def test_quantize_dequantize(shape, noncontig, signed, dtype, triton_backend):
     x = _make(shape, dtype, noncontig) if len(shape) == 2 else torch.randn(shape, device=DEVICE).to(dtype)
     x = x if signed else x.abs() * x.abs()
     # make block 1 all zeros (absmax 0 must not give NaN)
     if x.dim() == 2:  # whole rows covering elements 256..511 in row-major order
-        x[Q.BLOCK // x.shape[1]: -(-2 * Q.BLOCK // x.shape[1])] = 0
+        x[Q.BLOCK // x.shape[1] : -(-2 * Q.BLOCK // x.shape[1])] = 0
     elif x.numel() >= 2 * Q.BLOCK:
-        x.view(-1)[Q.BLOCK:2 * Q.BLOCK] = 0
+        x.view(-1)[Q.BLOCK : 2 * Q.BLOCK] = 0
     codes, absmax = Q.quantize_blockwise(x, signed)  # forced triton backend
     ref_codes, ref_absmax = quant8.quantize_blockwise_torch(x, signed)
     assert codes.shape == x.shape and absmax.shape == ref_absmax.shape
@@ -82,8 +83,9 @@ def test_quantize_many_programs():
 # ----------------------------------------------------------------------------- fused 8-bit Adam
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("col_norm_dim", [None, 0, 1])
-@pytest.mark.parametrize("shape,noncontig", [((33, 70), False), ((20, 300), False), ((70, 33), True),
-                                             ((300, 7), False)])
+@pytest.mark.parametrize(
+    "shape,noncontig", [((33, 70), False), ((20, 300), False), ((70, 33), True), ((300, 7), False)]
+)
 def test_adam8bit(shape, noncontig, col_norm_dim, dtype, triton_backend):
     # (20, 300): rows wider than a block -> two-segment row sums; (33, 70)/(300, 7): per-element atomics
     state = [Q.zero_state(shape, True, DEVICE), Q.zero_state(shape, False, DEVICE)]
@@ -91,8 +93,7 @@ def test_adam8bit(shape, noncontig, col_norm_dim, dtype, triton_backend):
     for _ in range(3):
         g = _make(shape, dtype, noncontig)
         out = Q.adam8bit_step(g, *state[0], *state[1], 0.9, 0.999, 1e-8, col_norm_dim=col_norm_dim)
-        ref = adam8bit.adam8bit_step_torch(g, *ref_state[0], *ref_state[1], 0.9, 0.999, 1e-8,
-                                           col_norm_dim=col_norm_dim)
+        ref = adam8bit.adam8bit_step_torch(g, *ref_state[0], *ref_state[1], 0.9, 0.999, 1e-8, col_norm_dim=col_norm_dim)
         out, ref = (out, ref) if col_norm_dim is not None else ((out,), (ref,))
         # torch's CPU fp32 sqrt is not correctly rounded (1 ulp off on ~20% of inputs on this
         # build) while the kernel's sqrt_rn is, hence rtol 1e-6 rather than equality
@@ -118,8 +119,11 @@ def test_adam8bit_direct_call_small():
 
 # ----------------------------------------------------------------------------- projections
 def _tol(dtype):
-    return {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-            torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+    return {
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    }[dtype]
 
 
 def _basis(k, d, dtype):
@@ -185,8 +189,11 @@ def test_project_mixed_dtypes():
     B = _basis(64, 64, torch.float32)
     idx = torch.arange(0, 64, 4, device=DEVICE)
     G = torch.randn(40, 64, device=DEVICE).half()
-    torch.testing.assert_close(projection.project_rows_triton(G, B, idx, "right").float(),
-                               projection.project_rows_torch(G, B, idx, "right").float(), **_tol(torch.float16))
+    torch.testing.assert_close(
+        projection.project_rows_triton(G, B, idx, "right").float(),
+        projection.project_rows_torch(G, B, idx, "right").float(),
+        **_tol(torch.float16),
+    )
 
 
 def test_projection_shape_errors():

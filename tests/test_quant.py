@@ -1,4 +1,5 @@
 """8-bit blockwise optimizer-state format (torch path) against bitsandbytes and plain fp32 Adam."""
+
 import os
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_roundtrip_error_bound(signed, shape):
 def test_sign_preserved_and_zero_stays_zero():
     x = _sample(10 * Q.BLOCK, signed=True)
     x[::7] = 0.0
-    x[2 * Q.BLOCK:3 * Q.BLOCK] = 0.0  # an all-zero block must not produce NaN
+    x[2 * Q.BLOCK : 3 * Q.BLOCK] = 0.0  # an all-zero block must not produce NaN
     codes, absmax = Q.quantize_blockwise(x, signed=True)
     y = Q.dequantize_blockwise(codes, absmax, signed=True)
     assert absmax[2].item() == 0.0 and not bool(y.isnan().any())
@@ -155,8 +156,7 @@ def test_adam8bit_norms_and_bf16_grad():
     vc, va = Q.zero_state(shape, False)
     g = torch.randn(shape).bfloat16()
     for dim in (0, 1):
-        d, norms = Q.adam8bit_step(g, mc.clone(), ma.clone(), vc.clone(), va.clone(), 0.9, 0.99, 1e-8,
-                                   col_norm_dim=dim)
+        d, norms = Q.adam8bit_step(g, mc.clone(), ma.clone(), vc.clone(), va.clone(), 0.9, 0.99, 1e-8, col_norm_dim=dim)
         torch.testing.assert_close(norms, d.norm(dim=dim))
     with pytest.raises(ValueError):
         Q.adam8bit_step(g, mc, ma, vc, va, 0.9, 0.99, 1e-8, col_norm_dim=2)
@@ -180,9 +180,9 @@ def test_env_var_no_triton_and_forced_triton_error():
         from lowrank_optim import quant
         assert quant.get_backend() == "torch", quant.get_backend()
         quant.dequantize_blockwise(*quant.quantize_blockwise(torch.randn(300), True), True)
-        import triton_kernels
-        from triton_kernels.projection import project_rows_torch
-        assert not triton_kernels.triton_available()
+        import lowrank_optim.kernels as kernels
+        from lowrank_optim.kernels.projection import project_rows_torch
+        assert not kernels.triton_available()
         quant.set_backend("triton")
         try:
             quant.quantize_blockwise(torch.randn(300), True)
@@ -193,6 +193,12 @@ def test_env_var_no_triton_and_forced_triton_error():
         print("ok")
     """)
     env = dict(os.environ, LOWRANK_OPTIM_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

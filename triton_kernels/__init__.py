@@ -4,6 +4,7 @@ Importing this package (or its modules) never requires triton: without it, ``jit
 identity and ``tl`` a stand-in that only lets kernel signatures be defined; the ``*_torch``
 functions work and the ``*_triton`` wrappers raise a clear error.
 """
+
 import functools
 import os
 
@@ -30,8 +31,10 @@ def require_triton(*tensors) -> None:
     if not triton_available():
         raise RuntimeError("this operation needs triton, which cannot be imported; use the *_torch function")
     if not interpreter_enabled() and any(not t.is_cuda for t in tensors):
-        raise RuntimeError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 (set before triton "
-                           "is imported) to run CPU tensors through the interpreter")
+        raise RuntimeError(
+            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 (set before triton "
+            "is imported) to run CPU tensors through the interpreter"
+        )
 
 
 if triton_available():
@@ -40,6 +43,7 @@ if triton_available():
 
     jit = triton.jit
 else:
+
     class _MissingLanguage:
         constexpr = object  # only used in kernel annotations, which are never compiled
 

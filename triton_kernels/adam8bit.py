@@ -6,11 +6,13 @@ write codes/absmax in place.  Optional direction norms per column (dim 0) or per
 are accumulated with fp32 atomics into a sum-of-squares buffer; a sqrt of that small vector
 follows.  Atomics make the norms' last bits run-to-run nondeterministic (summation order);
 direction and codes are deterministic.  The torch reference is
-``lowrank_optim.quant.adam8bit_step_torch`` (re-exported here).
+``lowrank_optim.quant.torch_path.adam8bit_step_torch`` (re-exported here).
 """
+
 import torch
 
-from lowrank_optim.quant import BLOCK, adam8bit_step_torch, dynamic_map, num_blocks
+from lowrank_optim.quant.format import BLOCK, dynamic_map, num_blocks
+from lowrank_optim.quant.torch_path import adam8bit_step_torch
 
 from . import jit, require_triton, tl
 from .quant8 import block_offsets, blocks_per_program, quantize_tile, triton_cdiv
@@ -22,9 +24,28 @@ _NO_NORM, _COL_NORM, _ROW_NORM_ELEMENTWISE, _ROW_NORM_SEGMENTS = 0, 1, 2, 3
 
 
 @jit
-def _adam8bit_kernel(g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, smap_ptr, umap_ptr, d_ptr, sumsq_ptr,
-                     n, nblocks, ncols, beta1, c1, beta2, c2, eps,
-                     NORM_MODE: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
+def _adam8bit_kernel(
+    g_ptr,
+    mc_ptr,
+    ma_ptr,
+    vc_ptr,
+    va_ptr,
+    smap_ptr,
+    umap_ptr,
+    d_ptr,
+    sumsq_ptr,
+    n,
+    nblocks,
+    ncols,
+    beta1,
+    c1,
+    beta2,
+    c2,
+    eps,
+    NORM_MODE: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     blk, offs = block_offsets(NB, BLOCK)
     mask = offs < n
     bmask = blk < nblocks
@@ -86,10 +107,28 @@ def adam8bit_step_triton(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta
     if n:
         nb = blocks_per_program(nblocks)
         _adam8bit_kernel[(triton_cdiv(nblocks, nb),)](
-            g, m_codes, m_absmax, v_codes, v_absmax, dynamic_map(True, grad.device),
-            dynamic_map(False, grad.device), direction, sumsq, n, nblocks, ncols,
-            beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, NORM_MODE=mode, NB=nb, BLOCK=BLOCK,
-            enable_fp_fusion=False)  # no FMA contraction: bit-identical to torch
+            g,
+            m_codes,
+            m_absmax,
+            v_codes,
+            v_absmax,
+            dynamic_map(True, grad.device),
+            dynamic_map(False, grad.device),
+            direction,
+            sumsq,
+            n,
+            nblocks,
+            ncols,
+            beta1,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            eps,
+            NORM_MODE=mode,
+            NB=nb,
+            BLOCK=BLOCK,
+            enable_fp_fusion=False,
+        )  # no FMA contraction: bit-identical to torch
     if col_norm_dim is None:
         return direction
     return direction, sumsq.sqrt_()

@@ -18,15 +18,20 @@ with fp32 accumulation and an optional fused update epilogue that reads and writ
 Inputs may be fp32/fp16/bf16; mixed dtypes are computed in fp32; results are stored in the
 output's dtype.  fp32 dots use TF32 only when torch allows it for matmuls.
 """
+
 import torch
 
 from . import interpreter_enabled, jit, require_triton, tl
 
 __all__ = [
-    "project_rows_torch", "project_rows_triton",
-    "project_back_rows_torch", "project_back_rows_triton",
-    "project_back_apply_torch", "project_back_apply_triton",
-    "project_back_apply_dense_torch", "project_back_apply_dense_triton",
+    "project_rows_torch",
+    "project_rows_triton",
+    "project_back_rows_torch",
+    "project_back_rows_triton",
+    "project_back_apply_torch",
+    "project_back_apply_triton",
+    "project_back_apply_dense_torch",
+    "project_back_apply_dense_triton",
 ]
 
 
@@ -55,8 +60,12 @@ def project_back_rows_torch(low, B, idx, side):
     return _mm(low, rows) if side == "right" else _mm(rows.T, low).to(low.dtype)
 
 
-def _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coef):
-    update = scale * back.float()
+def project_back_apply_dense_torch(W, low, P, side, lr, weight_decay, scale, residual=None, residual_coef=0.0):
+    """The one torch reference of the fused update, in fp32, rounded once to W's dtype:
+    ``W <- W (1 - lr wd) - lr (scale * back + residual_coef * residual)``, back = low @ P.T (right) or P @ low."""
+    _check_side(side)
+    back = low.float() @ P.float().T if side == "right" else P.float() @ low.float()
+    update = scale * back
     if residual is not None:
         update = update + residual_coef * residual.float()
     W.copy_(W.float() * (1.0 - lr * weight_decay) - lr * update)
@@ -64,14 +73,8 @@ def _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coe
 
 
 def project_back_apply_torch(W, low, B, idx, side, lr, weight_decay, scale, residual=None, residual_coef=0.0):
-    back = project_back_rows_torch(low.float(), B.float(), idx, side)
-    return _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coef)
-
-
-def project_back_apply_dense_torch(W, low, P, side, lr, weight_decay, scale, residual=None, residual_coef=0.0):
-    _check_side(side)
-    back = low.float() @ P.float().T if side == "right" else P.float() @ low.float()
-    return _apply_update_torch(W, back, lr, weight_decay, scale, residual, residual_coef)
+    """The rows variant: the basis is B[idx].T (right: back = low @ B[idx]; left: B[idx].T @ low)."""
+    return project_back_apply_dense_torch(W, low, B[idx].T, side, lr, weight_decay, scale, residual, residual_coef)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -80,12 +83,35 @@ _NO_GATHER, _GATHER_AM, _GATHER_AK, _GATHER_BK, _GATHER_BN = 0, 1, 2, 3, 4
 
 
 @jit
-def _gather_mm_kernel(a_ptr, b_ptr, idx_ptr, c_ptr, res_ptr, M, N, K,
-                      sa_m, sa_k, sb_k, sb_n, sc_m, sc_n, sr_m, sr_n,
-                      decay, coef_back, coef_res,
-                      GATHER: tl.constexpr, APPLY: tl.constexpr, HAS_RES: tl.constexpr,
-                      CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _gather_mm_kernel(
+    a_ptr,
+    b_ptr,
+    idx_ptr,
+    c_ptr,
+    res_ptr,
+    M,
+    N,
+    K,
+    sa_m,
+    sa_k,
+    sb_k,
+    sb_n,
+    sc_m,
+    sc_n,
+    sr_m,
+    sr_n,
+    decay,
+    coef_back,
+    coef_res,
+    GATHER: tl.constexpr,
+    APPLY: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """C = A @ B, or (APPLY) C <- C * decay - (coef_back * A @ B + coef_res * R) in place."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -152,10 +178,34 @@ def _launch(a, sa, b, sb, idx, c, M, N, K, gather, update=None):
         coefs, apply = (decay, coef_back, coef_res), True
     idx = idx if idx is not None else c  # unused pointer when not gathering
     grid = ((M + BM - 1) // BM, (N + BN - 1) // BN)
-    _gather_mm_kernel[grid](a, b, idx, c, res, M, N, K, sa[0], sa[1], sb[0], sb[1],
-                            c.stride(0), c.stride(1), sr[0], sr[1], *coefs,
-                            GATHER=gather, APPLY=apply, HAS_RES=has_res, CAST_F32=cast_f32,
-                            PRECISION=precision, BM=BM, BN=BN, BK=BK, enable_fp_fusion=True)
+    _gather_mm_kernel[grid](
+        a,
+        b,
+        idx,
+        c,
+        res,
+        M,
+        N,
+        K,
+        sa[0],
+        sa[1],
+        sb[0],
+        sb[1],
+        c.stride(0),
+        c.stride(1),
+        sr[0],
+        sr[1],
+        *coefs,
+        GATHER=gather,
+        APPLY=apply,
+        HAS_RES=has_res,
+        CAST_F32=cast_f32,
+        PRECISION=precision,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        enable_fp_fusion=True,
+    )
     return c
 
 

@@ -1,26 +1,33 @@
-"""Blockwise 8-bit dynamic quantization kernels (format defined in ``lowrank_optim.quant``).
+"""Blockwise 8-bit dynamic quantization kernels (format defined in ``lowrank_optim.quant.format``).
 
-The torch reference lives with the format in ``lowrank_optim.quant`` and is re-exported here
+The torch reference is ``lowrank_optim.quant.torch_path`` (the CPU path), re-exported here
 under the ``*_torch`` names, so kernel and reference sit side by side without two copies.
 Each program handles ``NB`` blocks of ``BLOCK`` elements as an [NB, BLOCK] tile.  Kernels are
 launched with ``enable_fp_fusion=False`` and use IEEE ``div_rn``/``sqrt_rn`` so that their fp32
 arithmetic (hence the codes) is bit-identical to the torch reference on GPU as well.
 """
+
 import torch
 
-from lowrank_optim.quant import BLOCK, dequantize_blockwise_torch, dynamic_map, num_blocks, quantize_blockwise_torch
+from lowrank_optim.quant.format import BLOCK, dynamic_map, num_blocks
+from lowrank_optim.quant.torch_path import dequantize_blockwise_torch, quantize_blockwise_torch
 
 from . import interpreter_enabled, jit, require_triton, tl
 
-__all__ = ["quantize_blockwise_torch", "quantize_blockwise_triton",
-           "dequantize_blockwise_torch", "dequantize_blockwise_triton", "blocks_per_program"]
+__all__ = [
+    "quantize_blockwise_torch",
+    "quantize_blockwise_triton",
+    "dequantize_blockwise_torch",
+    "dequantize_blockwise_triton",
+    "blocks_per_program",
+]
 
 
 @jit
 def nearest_code(x, map_ptr):
     """Index of the nearest entry of the sorted 256-entry map for each x (ties -> lower index).
-    8-step binary search for lo = last entry <= x (0 if none), then compare with lo + 1.
-    Same comparisons and fp32 arithmetic as the torch reference -> identical codes."""
+    8-step binary search for lo = last entry <= x (0 if none), then compare with lo + 1: the format's rounding
+    rule, whose lookup table the torch path reads -> identical codes."""
     lo = tl.zeros(x.shape, dtype=tl.int32)
     for k in tl.static_range(8):
         cand = lo + (128 >> k)
@@ -47,8 +54,7 @@ def block_offsets(NB: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @jit
-def _quantize_kernel(x_ptr, map_ptr, codes_ptr, absmax_ptr, n, nblocks,
-                     NB: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, map_ptr, codes_ptr, absmax_ptr, n, nblocks, NB: tl.constexpr, BLOCK: tl.constexpr):
     blk, offs = block_offsets(NB, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -58,8 +64,7 @@ def _quantize_kernel(x_ptr, map_ptr, codes_ptr, absmax_ptr, n, nblocks,
 
 
 @jit
-def _dequantize_kernel(codes_ptr, absmax_ptr, map_ptr, out_ptr, n, nblocks,
-                       NB: tl.constexpr, BLOCK: tl.constexpr):
+def _dequantize_kernel(codes_ptr, absmax_ptr, map_ptr, out_ptr, n, nblocks, NB: tl.constexpr, BLOCK: tl.constexpr):
     blk, offs = block_offsets(NB, BLOCK)
     mask = offs < n
     codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -87,8 +92,8 @@ def quantize_blockwise_triton(x: torch.Tensor, signed: bool):
     if n:
         nb = blocks_per_program(nblocks)
         _quantize_kernel[(triton_cdiv(nblocks, nb),)](
-            xc, dynamic_map(signed, x.device), codes, absmax, n, nblocks, NB=nb, BLOCK=BLOCK,
-            enable_fp_fusion=False)
+            xc, dynamic_map(signed, x.device), codes, absmax, n, nblocks, NB=nb, BLOCK=BLOCK, enable_fp_fusion=False
+        )
     return codes, absmax
 
 
@@ -102,8 +107,16 @@ def dequantize_blockwise_triton(codes: torch.Tensor, absmax: torch.Tensor, signe
     if n:
         nb = blocks_per_program(nblocks)
         _dequantize_kernel[(triton_cdiv(nblocks, nb),)](
-            codes.contiguous(), absmax.contiguous(), dynamic_map(signed, codes.device), out, n, nblocks,
-            NB=nb, BLOCK=BLOCK, enable_fp_fusion=False)
+            codes.contiguous(),
+            absmax.contiguous(),
+            dynamic_map(signed, codes.device),
+            out,
+            n,
+            nblocks,
+            NB=nb,
+            BLOCK=BLOCK,
+            enable_fp_fusion=False,
+        )
     return out
 
 

@@ -76,16 +76,15 @@ class Projector:
     def fused_apply(self, state: Dict, low: torch.Tensor, W: torch.Tensor, lr: float, weight_decay: float,
                     scale: float, extra: Optional[torch.Tensor]) -> bool:
         """``W <- W (1 - lr wd) - lr (scale * project_back(low) + extra)`` in one Triton pass that reads and writes
-        W once, when the kernels handle W (CUDA, or a forced backend). Returns False when it did nothing."""
+        W once, when the kernels handle W (CUDA, or a forced backend) and passed their self-check. Returns False
+        when it did nothing (the caller then takes the torch path)."""
         from .. import quant
 
         if self.side == "full" or not quant.kernels_for(W):
             return False
-        from triton_kernels.projection import project_back_apply_dense_triton
-
-        project_back_apply_dense_triton(W, low, self.basis(state, self.side), self.side, lr, weight_decay, scale,
-                                        residual=extra, residual_coef=1.0)
-        return True
+        done = quant.try_kernel("project_back_apply_dense", W, low, self.basis(state, self.side), self.side, lr,
+                                weight_decay, scale, residual=extra, residual_coef=1.0)
+        return done is not None
 
     def fits(self, state: Dict) -> bool:
         """Whether a saved basis in ``state`` has this projector's shape (rank, side, matrix): a change of the

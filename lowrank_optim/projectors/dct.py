@@ -101,9 +101,9 @@ class DCTProjector(Projector):
 
     def _forward(self, x, which, idx):
         if self.dct_impl == "matmul" and quant.kernels_for(x):  # gathers D[idx] inside the kernel
-            from triton_kernels.projection import project_rows_triton
-
-            return project_rows_triton(x, dct_matrix(self._size(which), x.device, x.dtype), idx, which)
+            out = quant.try_kernel("project_rows", x, dct_matrix(self._size(which), x.device, x.dtype), idx, which)
+            if out is not None:
+                return out
         if self.dct_impl == "fft":  # full transform, then keep the chosen coefficients
             return self._coefficients(x, which).index_select(0 if which == "left" else 1, idx)
         rows = dct_matrix(self._size(which), x.device, x.dtype).index_select(0, idx)  # r x d, a temporary
@@ -112,9 +112,9 @@ class DCTProjector(Projector):
     def _backward(self, low, which, idx):
         d = self._size(which)
         if self.dct_impl == "matmul" and quant.kernels_for(low):
-            from triton_kernels.projection import project_back_rows_triton
-
-            return project_back_rows_triton(low, dct_matrix(d, low.device, low.dtype), idx, which)
+            out = quant.try_kernel("project_back_rows", low, dct_matrix(d, low.device, low.dtype), idx, which)
+            if out is not None:
+                return out
         if self.dct_impl == "fft":  # zero-fill the unchosen coefficients, then inverse transform
             if which == "left":
                 full = low.new_zeros(d, low.shape[1]).index_copy_(0, idx, low)
@@ -140,12 +140,10 @@ class DCTProjector(Projector):
     def fused_apply(self, state, low, W, lr, weight_decay, scale, extra):
         if self.side == "full" or self.dct_impl != "matmul" or not quant.kernels_for(W):
             return False
-        from triton_kernels.projection import project_back_apply_triton
-
         basis = dct_matrix(self._size(self.side), W.device, torch.float32)
-        project_back_apply_triton(W, low, basis, self.indices(state, self.side), self.side, lr, weight_decay, scale,
-                                  residual=extra, residual_coef=1.0)
-        return True
+        done = quant.try_kernel("project_back_apply", W, low, basis, self.indices(state, self.side), self.side, lr,
+                                weight_decay, scale, residual=extra, residual_coef=1.0)
+        return done is not None
 
     def indices(self, state, which):
         return state[f"proj_{which}_idx"]
