@@ -178,10 +178,19 @@ def _routed_kwargs(name, cls, args):
     kwargs = {**lowrank_kwargs(args), **extra} if name in LOWRANK else extra
     named, _ = _params_of(cls)
     if name in LOWRANK:  # our engine's whole-optimizer options (eps_style, state_dtype, ...) cover every group
+        named = named | {k for k in extra if k in _engine_options(cls) and k not in _GROUP_ONLY}
+    return ({k: v for k, v in kwargs.items() if k in named}, {k: v for k, v in kwargs.items() if k not in named})
+
+
+def _engine_options(cls):
+    """Names of the engine's optimizer-wide options: its DEFAULTS table, or else the defaults an instance over
+    one dummy parameter reports."""
+    try:
         from lowrank_optim.optimizer import DEFAULTS
 
-        named = named | {k for k in extra if k in DEFAULTS and k not in _GROUP_ONLY}
-    return ({k: v for k, v in kwargs.items() if k in named}, {k: v for k, v in kwargs.items() if k not in named})
+        return set(DEFAULTS)
+    except ImportError:
+        return set(cls([torch.nn.Parameter(torch.zeros(2, 2))]).defaults)
 
 
 # options that only mean something on the low-rank group

@@ -18,6 +18,7 @@ from benchmarks import checkpoint  # noqa: E402
 from benchmarks import data as D  # noqa: E402
 from benchmarks.model import build_model, config_names, load_config, weight_shapes  # noqa: E402
 from benchmarks.pretrain import cosine_with_min_lr, main  # noqa: E402
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # hidden, intermediate, layers, heads, vocab

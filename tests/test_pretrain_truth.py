@@ -15,6 +15,7 @@ pytest.importorskip("tokenizers")
 
 from benchmarks import checkpoint  # noqa: E402
 from benchmarks.pretrain import cosine_with_min_lr, main  # noqa: E402
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 FILES = ["textwrap.py", "bisect.py", "heapq.py", "shlex.py", "fnmatch.py", "glob.py", "copy.py"]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import step_bench
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 FAST = ["--warmup", "1", "--iters", "2", "--refresh-iters", "1", "--rank", "8"]
 
