@@ -179,6 +179,9 @@ def _routed_kwargs(name, cls, args):
     named, _ = _params_of(cls)
     if name in LOWRANK:  # our engine's whole-optimizer options (eps_style, state_dtype, ...) cover every group
         named = named | {k for k in extra if k in _engine_options(cls) and k not in _GROUP_ONLY}
+        # the low-rank options belong to the low-rank group only: given to the constructor they would reach the
+        # dense groups too (FRUGAL's constructor density would make the embeddings FRUGAL-trained)
+        named = named - _GROUP_ONLY
     return ({k: v for k, v in kwargs.items() if k in named}, {k: v for k, v in kwargs.items() if k not in named})
 
 
@@ -240,7 +243,11 @@ def param_groups(name, model, args):
     if name in ("adamw", "adam8bit"):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if name in LOWRANK:
-        return _import_lowrank(name)[1](model, target_modules=targets, **group_kw)
+        groups = _import_lowrank(name)[1](model, target_modules=targets, **group_kw)
+        for key in ("rank", "update_proj_gap", "scale", "proj_type"):  # lowrank_param_groups' own defaults:
+            if key not in group_kw:  # leave them to the method (DCT's scale, FRUGAL's density instead of rank)
+                groups[0].pop(key, None)
+        return groups
     # reference packages: GaLore's recipe, Linear weights of the target modules get the projection keys
     named = dict(model.named_parameters())
     low = set(linear_weight_names(model, targets))

@@ -75,7 +75,10 @@ def test_tune_grid_resumes(base_argv, tmp_path, capsys):
     assert all(len(r["eval_ppls"]) == 2 for r in first["rows"])  # two seeds per setting by default
     for r in first["rows"]:
         assert r["eval_ppl"] == pytest.approx(sum(r["eval_ppls"]) / 2)
-        assert (out / "trials" / tune.run_name(r["params"]) / "seed1" / "summary.json").exists()
+        summary = json.loads((out / "trials" / tune.run_name(r["params"]) / "seed1" / "summary.json").read_text())
+        # searched and explicit options win over GaLore's paper recipe; the rest come from it
+        assert summary["optimizer"]["rank"] == r["params"]["rank"] and summary["optimizer"]["lr"] == 0.01
+        assert summary["optimizer"]["scale"] == 0.25 and set(summary["recipe_applied"]) == {"scale", "warmup"}
     printed = capsys.readouterr().out
     assert "recommended: rank=" in printed and "cheapest within 2% of best" in printed
     assert "best mean ppl: rank=" in printed and "pooled std" in printed

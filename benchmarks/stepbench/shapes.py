@@ -8,7 +8,10 @@ def parse_shapes(text):
     """'64x32,32x64' -> OrderedDict w0 -> (64, 32), ...; every such weight is a low-rank target."""
     out = OrderedDict()
     for i, item in enumerate(s for s in text.split(",") if s.strip()):
-        dims = tuple(int(d) for d in item.lower().split("x"))
+        try:
+            dims = tuple(int(d) for d in item.lower().split("x"))
+        except ValueError:
+            dims = ()
         if len(dims) != 2 or min(dims) <= 0:
             raise ValueError(f"--shapes item {item!r}: expected MxN with positive M, N")
         out[f"w{i}.mlp.weight"] = dims
