@@ -98,7 +98,9 @@ def run_study(args, forward, space, out, seeds):
     """Create or load the study and run only the trials still missing; returns (study, new trial count)."""
     storage = args.storage or f"sqlite:///{os.path.join(out, 'study.db')}"
     grid = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
-    sampler = optuna.samplers.GridSampler(space) if args.sampler == "grid" else \
+    # grid: the missing points are enqueued below, so any sampler only replays them (optuna's GridSampler itself
+    # fails on enqueued trials of a one-point grid)
+    sampler = optuna.samplers.RandomSampler(seed=args.sampler_seed) if args.sampler == "grid" else \
         optuna.samplers.TPESampler(seed=args.sampler_seed)
     study = optuna.create_study(study_name=args.study_name, storage=storage, direction="minimize",
                                 sampler=sampler, load_if_exists=True)
@@ -106,8 +108,7 @@ def run_study(args, forward, space, out, seeds):
         study.tell(t.number, state=TrialState.FAIL)  # left RUNNING by a killed run (one worker assumed)
     done = complete_trials(study)
     if args.sampler == "grid":
-        # enqueue exactly the points without a completed trial: GridSampler alone counts failed points as
-        # visited and would re-sample a random point once the grid is exhausted
+        # enqueue exactly the points without a completed trial (failed or interrupted ones run again)
         finished = [{k: t.params.get(k) for k in space} for t in done]
         todo = [g for g in grid if g not in finished]
         for point in todo:
