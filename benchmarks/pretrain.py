@@ -183,7 +183,11 @@ def find_resume(args, rank):
 
 def check_resume_options(args, path, meta):
     """The differences between this run's training options and the checkpoint's; refused unless --override."""
-    diffs = opts.option_differences(meta.get("args", {}), opts.training_options(args))
+    diffs, structural = opts.option_differences(meta.get("args", {}), opts.training_options(args))
+    if structural:
+        raise UsageError(f"--resume {path}: the checkpoint's state was built for other values of "
+                         f"{len(structural)} option(s), which not even --override can change (start a new run "
+                         "in another --output-dir):\n  " + "\n  ".join(structural))
     if diffs and not args.override:
         raise UsageError(f"--resume {path}: {len(diffs)} training option(s) differ from the checkpoint's "
                          "(resume with the same options, or pass --override to train with the new ones):\n  "
@@ -248,8 +252,11 @@ def main(argv=None):
 
     random.seed(args.seed)
     np.random.seed(args.seed)
-    corpus, tok, train_blocks, val_blocks, timings = prepare_data(
-        args, config, args.max_steps * tokens_per_step, rank, world)
+    try:
+        corpus, tok, train_blocks, val_blocks, timings = prepare_data(
+            args, config, args.max_steps * tokens_per_step, rank, world)
+    except (ValueError, KeyError, OSError) as e:  # a corpus too small, a missing --text-field, an unreadable file
+        raise UsageError(f"--data {args.data}: {str(e).strip(chr(34) + chr(39))}") from None
     model = build_model(config, args.seed).to(device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = build_optimizer(args.optimizer, model, args)

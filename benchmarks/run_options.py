@@ -15,6 +15,10 @@ PROG = "python -m benchmarks.pretrain"
 # every other option must match the checkpoint's on --resume unless --override is given
 NOT_TRAINING = {"output_dir", "resume", "override", "save_every", "keep_checkpoints", "log_every", "eval_every",
                 "cache_dir", "device", "max_tokens", "recipe"}
+# options the checkpoint's tensors were built for (shapes, vocabulary, which weights are low-rank): not even
+# --override can change them on a resume
+STRUCTURAL = {"model", "optimizer", "rank", "density", "state_bits", "target_modules", "projector", "proj_type",
+              "layerwise", "data", "text_field", "val_fraction", "tokenizer", "tokenizer_train_mb"}
 
 
 def build_parser(description=None):
@@ -118,6 +122,11 @@ def check_data(args):
                              "use --data stdlib or a local path instead")
     elif not os.path.exists(os.path.expanduser(args.data)):
         raise UsageError(f"--data {args.data}: no such file or directory")
+    if args.tokenizer:
+        try:
+            D.hf_tokenizer(args.tokenizer)  # local files or the hub; fails fast when the hub is unreachable
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--tokenizer {args.tokenizer}: {str(e).splitlines()[0]}") from None
 
 
 def resolve(args, explicit, config, world):
@@ -144,15 +153,18 @@ def training_options(args):
 
 
 def option_differences(saved, current):
-    """['--lr: checkpoint 0.01, this run 0.001', ...] for every training option that differs."""
-    lines = []
+    """(['--lr: checkpoint 0.01, this run 0.001', ...] for every training option that differs, the structural
+    ones among them)."""
+    lines, structural = [], []
     for key in sorted(set(saved) | set(current)):
         if key in NOT_TRAINING or key == "recipe_applied":
             continue
         a, b = saved.get(key, "(unset)"), current.get(key, "(unset)")
         if a != b:
             lines.append(f"--{key.replace('_', '-')}: checkpoint {a!r}, this run {b!r}")
-    return lines
+            if key in STRUCTURAL:
+                structural.append(lines[-1])
+    return lines, structural
 
 
 def check_output_dir(args):

@@ -125,3 +125,17 @@ def test_as_a_subprocess(tmp_path, module, argv, message):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_data_problems_are_one_line_too(capsys, corpus, tmp_path, monkeypatch):
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "a.txt").write_text("just one paragraph")
+    line = one_line_exit_2(capsys, pretrain.main, pretrain_argv(str(tiny), tmp_path, "--cache-dir", str(tmp_path)))
+    assert "is too small to split into train and validation (1 documents)" in line
+    line = one_line_exit_2(capsys, pretrain.main, pretrain_argv(corpus, tmp_path, "--seq-len", "1000000"))
+    assert "fewer than one --seq-len 1000000 block" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_exit_2(capsys, pretrain.main,
+                           pretrain_argv(corpus, tmp_path, "--tokenizer", "no-such-org/no-such-tokenizer"))
+    assert "--tokenizer no-such-org/no-such-tokenizer:" in line and "unreachable" in line
