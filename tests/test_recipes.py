@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("transformers")
 
 from bench_support import make_corpus, one_torch_thread  # noqa: E402,F401 - autouse fixture
-from benchmarks.model import build_model, load_config  # noqa: E402
+from benchmarks.model import build_model  # noqa: E402
 from benchmarks.optimizers import build_optimizer, paper_recipe  # noqa: E402
 from benchmarks.pretrain import prepare_run  # noqa: E402
 
