@@ -145,6 +145,9 @@ def optimizer_options(name, args):
     opts = dict(name=name, lr=args.lr, weight_decay=args.weight_decay, betas=list(args.betas), eps=args.eps)
     if name not in ("adamw", "adam8bit"):
         opts.update(lowrank_kwargs(args), target_modules=args.target_modules)
+    if name in REFERENCE:  # what param_groups() gives the reference packages when the flags are unset
+        opts.setdefault("scale", 0.25)
+        opts.setdefault("proj_type", "std")
     opts.update(extra_kwargs(args))
     return opts
 
