@@ -6,14 +6,14 @@ Uses ``lowrank_optim.estimate_state_bytes``, which the tests check equals the me
 """
 import argparse
 import datetime
+import os
 import platform
 import sys
 import warnings
 
 import torch
 
-from lowrank_optim import estimate_state_bytes
-
+from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point
 from .model import load_config
 
 METHODS = [  # (label, optimizer name, options)
@@ -35,18 +35,28 @@ METHODS = [  # (label, optimizer name, options)
 ]
 
 
+@entry_point("python -m benchmarks.memory")
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m benchmarks.memory", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama_60m")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--target-modules", default="attn,mlp")
     p.add_argument("--output", default=None, help="also write the Markdown table here")
     args = p.parse_args(argv)
+    check_number("--rank", args.rank, low=1)
+    try:
+        config = load_config(args.model)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    if args.output:
+        check_writable_dir("--output", os.path.dirname(os.path.abspath(args.output)))
     from transformers import LlamaForCausalLM
 
+    from lowrank_optim import estimate_state_bytes
+
     with torch.device("meta"):
-        model = LlamaForCausalLM(load_config(args.model))
+        model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
     with warnings.catch_warnings():

@@ -1,4 +1,5 @@
 """Optimizer factory shared by the benchmarks: `add_optimizer_args(parser)` + `build_optimizer(name, model, args)`."""
+import argparse
 import ast
 import inspect
 
@@ -12,20 +13,87 @@ LOWRANK = {"galore": "GaLoreAdamW", "galore8bit": "GaLoreAdamW8bit", "galore_ada
 REFERENCE = {"galore_ref": ("galore_torch", "GaLoreAdamW"), "fira_ref": ("fira", "FiraAdamW")}
 NAMES = ["adamw", "adam8bit", *LOWRANK, *REFERENCE]
 
+# Each method's LLaMA-on-C4 pretraining recipe as its paper states it (GaLore's setup, which the later papers
+# reuse: batch 512 x 256 tokens, linear warmup over the first 10% of steps, cosine decay to 10% of the peak lr).
+# Keys are pretrain options; `rank_fraction` means rank = that fraction of the model's hidden size (GaLore's
+# "d/4": 128 on LLaMA-60M, 512 on LLaMA-1B). Read them only through paper_recipe().
+PAPER_RECIPES = {
+    # GaLore (Zhao et al., ICML 2024), Sec. 5.1 and App. C: lr 0.01, scale alpha 0.25, subspace update every
+    # T = 200 steps, rank 128/256/256/512 for 60M/130M/350M/1B (about d/4), 10% warmup. The full-rank AdamW
+    # baseline there uses lr 1e-3.
+    "galore": dict(lr=1e-2, scale=0.25, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
+    "adamw": dict(lr=1e-3, warmup=0.1),
+    # Fira (Chen et al., 2024): GaLore's pretraining settings unchanged (lr 0.01, T = 200, ranks as GaLore's);
+    # its alpha (our `scale`) is 0.25.
+    "fira": dict(lr=1e-2, scale=0.25, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
+    # FRUGAL (Zmushko et al., ICML 2025), LLaMA pretraining: the AdamW-tuned lr 1e-3, state-full density
+    # rho = 0.25, subspace re-selected every T = 200 steps, signSGD on the state-free part.
+    "frugal": dict(lr=1e-3, density=0.25, update_proj_gap=200, warmup=0.1),
+    # DCT-AdamW (Modoranu et al., 2025, arXiv:2505.17967) swaps GaLore's SVD for gradient-aligned DCT columns and
+    # is compared against GaLore in GaLore's training setup, so GaLore's lr / scale / rank / gap are used here;
+    # these four values were not checked against the paper's per-size tables.
+    "dct": dict(lr=1e-2, scale=0.25, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
+    # SST (Zhao et al., 2024, arXiv:2405.15481): rank "6% of the embedding dimension" on LLaMA-1.3B (128 of
+    # 2048 = 1/16). lr 1e-3 (its full-rank baseline's) and the 200-step resampling interval are GaLore-setup
+    # values, not checked against the paper's tables.
+    "sst": dict(lr=1e-3, rank_fraction=1 / 16, update_proj_gap=200, warmup=0.1),
+    # APOLLO (Zhu et al., MLSys 2025): lr 0.01, projection refreshed every T = 200 steps; channel-wise scaling at
+    # rank d/4 with scale 1, APOLLO-Mini tensor-wise scaling at rank 1 with scale 128.
+    "apollo": dict(lr=1e-2, scale=1.0, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
+    "apollo_mini": dict(lr=1e-2, scale=128.0, update_proj_gap=200, rank=1, warmup=0.1),
+}
+# --optimizer names that train with another entry's recipe (same method: other precision, inner rule or package)
+_RECIPE_OF = {"galore8bit": "galore", "galore_adafactor": "galore", "galore_ref": "galore", "fira_ref": "fira",
+              "adam8bit": "adamw"}
+
+
+def paper_recipe(name):
+    """The paper pretraining recipe of optimizer `name` as {option: value} (empty when there is none)."""
+    return dict(PAPER_RECIPES.get(_RECIPE_OF.get(name, name), {}))
+
+
+def apply_recipe(args, explicit, hidden_size):
+    """Fill the options the user did not give from the paper recipe of args.optimizer (when --recipe paper);
+    returns {option: value} of what was applied."""
+    if getattr(args, "recipe", "none") != "paper":
+        return {}
+    applied = {}
+    for key, value in paper_recipe(args.optimizer).items():
+        if key == "rank_fraction":
+            key, value = "rank", max(1, round(value * hidden_size))
+        if key in explicit or (key == "density" and "rank" in explicit):  # an explicit rank replaces density
+            continue
+        setattr(args, key, value)
+        applied[key] = value
+    return applied
+
+
+def _betas(text):
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma separated numbers, e.g. 0.9,0.999") from None
+
 
 def add_optimizer_args(parser):
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adamw", choices=NAMES)
+    g.add_argument("--recipe", default="paper", choices=("paper", "none"),
+                   help="paper: options you do not give come from the method's paper pretraining recipe "
+                        "(lr, scale, rank, gap, density, warmup); none: the flag defaults below")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--betas", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.9, 0.999),
+    g.add_argument("--betas", type=_betas, default=(0.9, 0.999),
                    help="comma separated, e.g. 0.9,0.999")
     g.add_argument("--eps", type=float, default=None, help="default: the optimizer's own default")
     g.add_argument("--rank", type=int, default=128)
     g.add_argument("--update-proj-gap", type=int, default=200)
-    g.add_argument("--scale", type=float, default=0.25, help="GaLore scale (Fira's alpha)")
-    g.add_argument("--proj-type", default="std", help="std | reverse_std | left | right | full")
-    g.add_argument("--projector", default="svd", help="lowrank_optim projector, e.g. svd, random, dct")
+    g.add_argument("--scale", type=float, default=None,
+                   help="GaLore scale (Fira's alpha); default: the recipe's, else the optimizer's own")
+    g.add_argument("--proj-type", default=None, help="std | reverse_std | left | right | full (default: std)")
+    g.add_argument("--projector", default=None,
+                   help="lowrank_optim projector, e.g. svd, random, dct; default: the method's own (GaLore/Fira "
+                        "svd, DCT dct, FRUGAL columns, SST sst)")
     g.add_argument("--state-bits", type=int, default=32, choices=(32, 8))
     g.add_argument("--target-modules", default="attn,mlp", help="comma separated module-name substrings")
     g.add_argument("--density", type=float, default=None, help="FRUGAL: fraction of the state-full subspace")
@@ -55,8 +123,14 @@ def extra_kwargs(args):
 
 def lowrank_kwargs(args):
     """The low-rank flags that apply: the fixed ones always, the optional ones only when set."""
-    kw = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
-              proj_type=args.proj_type, projector=args.projector)
+    kw = dict(rank=args.rank, update_proj_gap=args.update_proj_gap)
+    if args.density is not None:  # FRUGAL sizes its subspace by density OR rank, never both
+        del kw["rank"]
+    # scale / proj_type / projector only when given (flag or recipe): each method has its own default
+    # (DCT's projector is dct, FRUGAL's columns, SST's sst; FRUGAL takes no scale)
+    for key in ("scale", "proj_type", "projector"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
     if args.state_bits != 32:
         kw["state_bits"] = args.state_bits
     if args.density is not None:
@@ -71,6 +145,9 @@ def optimizer_options(name, args):
     opts = dict(name=name, lr=args.lr, weight_decay=args.weight_decay, betas=list(args.betas), eps=args.eps)
     if name not in ("adamw", "adam8bit"):
         opts.update(lowrank_kwargs(args), target_modules=args.target_modules)
+    if name in REFERENCE:  # what param_groups() gives the reference packages when the flags are unset
+        opts.setdefault("scale", 0.25)
+        opts.setdefault("proj_type", "std")
     opts.update(extra_kwargs(args))
     return opts
 
@@ -104,10 +181,22 @@ def _routed_kwargs(name, cls, args):
     kwargs = {**lowrank_kwargs(args), **extra} if name in LOWRANK else extra
     named, _ = _params_of(cls)
     if name in LOWRANK:  # our engine's whole-optimizer options (eps_style, state_dtype, ...) cover every group
+        named = named | {k for k in extra if k in _engine_options(cls) and k not in _GROUP_ONLY}
+        # the low-rank options belong to the low-rank group only: given to the constructor they would reach the
+        # dense groups too (FRUGAL's constructor density would make the embeddings FRUGAL-trained)
+        named = named - _GROUP_ONLY
+    return ({k: v for k, v in kwargs.items() if k in named}, {k: v for k, v in kwargs.items() if k not in named})
+
+
+def _engine_options(cls):
+    """Names of the engine's optimizer-wide options: its DEFAULTS table, or else the defaults an instance over
+    one dummy parameter reports."""
+    try:
         from lowrank_optim.optimizer import DEFAULTS
 
-        named = named | {k for k in extra if k in DEFAULTS and k not in _GROUP_ONLY}
-    return ({k: v for k, v in kwargs.items() if k in named}, {k: v for k, v in kwargs.items() if k not in named})
+        return set(DEFAULTS)
+    except ImportError:
+        return set(cls([torch.nn.Parameter(torch.zeros(2, 2))]).defaults)
 
 
 # options that only mean something on the low-rank group
@@ -157,12 +246,17 @@ def param_groups(name, model, args):
     if name in ("adamw", "adam8bit"):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if name in LOWRANK:
-        return _import_lowrank(name)[1](model, target_modules=targets, **group_kw)
+        groups = _import_lowrank(name)[1](model, target_modules=targets, **group_kw)
+        for key in ("rank", "update_proj_gap", "scale", "proj_type"):  # lowrank_param_groups' own defaults:
+            if key not in group_kw:  # leave them to the method (DCT's scale, FRUGAL's density instead of rank)
+                groups[0].pop(key, None)
+        return groups
     # reference packages: GaLore's recipe, Linear weights of the target modules get the projection keys
     named = dict(model.named_parameters())
     low = set(linear_weight_names(model, targets))
-    opts = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, proj_type=args.proj_type, **group_kw)
-    opts["alpha" if name == "fira_ref" else "scale"] = args.scale
+    opts = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, proj_type=args.proj_type or "std",
+                **group_kw)
+    opts["alpha" if name == "fira_ref" else "scale"] = 0.25 if args.scale is None else args.scale
     return [{"params": [p for n, p in named.items() if n not in low and p.requires_grad]},
             {"params": [named[n] for n in named if n in low], **opts}]
 

@@ -2,10 +2,13 @@
 
 Single process or `torchrun --nproc_per_node N -m benchmarks.pretrain ...` (gloo on CPU, nccl on CUDA).
 --batch-size is per device; a step consumes batch_size * grad_accum * world_size blocks of --seq-len tokens.
+Options not given come from the optimizer's paper recipe (--recipe paper; --recipe none: the flag defaults).
+
+Exit status: 0 done (the last lines say where summary.json went and the headline numbers); 2 a usage error (one
+line on stderr, found before any tokenizer training or data preparation where possible), including a --resume
+whose checkpoint is corrupt or was trained with other options (listed; --override trains with the new ones);
+3 the loss became NaN or infinite. Checkpoints: see benchmarks/checkpoint.py.
 """
-import argparse
-import contextlib
-import glob
 import json
 import math
 import os
@@ -13,51 +16,22 @@ import random
 import resource
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt
 from . import data as D
+from . import run_options as opts
+from .cli import UsageError, entry_point, explicit_dests
 from .model import build_model, load_config
-from .optimizers import add_optimizer_args, build_optimizer, optimizer_class, optimizer_options, state_bytes
+from .optimizers import build_optimizer, optimizer_options, state_bytes
+from .train_loop import Loop, _barrier, say
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrain", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="llama_tiny", help="config name in benchmarks/configs or a JSON path")
-    p.add_argument("--data", default="stdlib", help="stdlib | a text/.jsonl file or directory | hf:NAME[:CONFIG]")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / hf records")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out, chosen by key hash")
-    p.add_argument("--tokenizer", default=None, help="HF tokenizer name; default: byte-level BPE trained on --data")
-    p.add_argument("--tokenizer-train-mb", type=float, default=16,
-                   help="cap on training text fed to BPE training (keeps it minutes on 2 CPU cores)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "lowrank_optim"))
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="per-device micro batch, in sequences")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="default 1000 unless --max-tokens is given")
-    p.add_argument("--max-tokens", type=int, default=None, help="train tokens; sets --max-steps")
-    p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 disables")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="bf16 = bf16 autocast (fp32 master weights); default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
-    p.add_argument("--eval-batches", type=int, default=16, help="fixed validation set: this many global batches")
-    p.add_argument("--log-every", type=int, default=10, help="print a line every N steps when tqdm is off")
-    p.add_argument("--output-dir", default=None, help="default runs/<model>-<optimizer>-seed<seed>")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
-    p.add_argument("--resume", default=None, help="checkpoint file, or 'auto' for the newest in --output-dir")
-    p.add_argument("--layerwise", action="store_true",
-                   help="update each weight inside backward (lowrank_optim optimizers only; no DDP)")
-    add_optimizer_args(p)
-    return p
+    return opts.build_parser(__doc__)
 
 
 # ---------------------------------------------------------------- schedule
@@ -105,11 +79,6 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def _barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
 def prepare_data(args, config, total_tokens, rank, world):
     """Corpus -> tokenizer -> cached token streams -> packed blocks. Rank 0 builds the caches first."""
     t0 = time.time()
@@ -129,78 +98,6 @@ def prepare_data(args, config, total_tokens, rank, world):
     if tok.vocab_size > config.vocab_size:  # e.g. an HF tokenizer larger than the config's 32000
         config.vocab_size = tok.vocab_size
     return corpus, tok, D.pack(train, args.seq_len), D.pack(val, args.seq_len), timings
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _checkpoints(output_dir):
-    return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step_*.pt")))
-
-
-def save_checkpoint(args, step, data_pos, model, optimizer, scheduler, extra):
-    path = os.path.join(args.output_dir, "checkpoints", f"step_{step:08d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {"step": step, "data_pos": data_pos, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, **extra}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a truncated checkpoint behind
-    for old in _checkpoints(args.output_dir)[:-args.keep_checkpoints]:
-        os.remove(old)
-    return path
-
-
-def load_checkpoint(path, model, optimizer, scheduler):
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file; holds projector objects
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
-
-
-def resolve_resume(args):
-    if args.resume != "auto":
-        return args.resume
-    found = _checkpoints(args.output_dir)
-    return found[-1] if found else None
-
-
-# ---------------------------------------------------------------- train / eval
-
-
-def autocast(device, dtype):
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(model, val_blocks, args, device, rank, world):
-    """Mean token loss over the first eval_batches global batches of validation blocks, split across ranks
-    (the set depends on the global batch only, so N ranks evaluate what 1 process with N x batch does)."""
-    was_training = model.training
-    model.eval()
-    n = min(len(val_blocks), args.eval_batches * args.batch_size * world)
-    mine = val_blocks[:n][rank::world]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), args.batch_size):
-        x = mine[i:i + args.batch_size].to(device)
-        with autocast(device, args.dtype):
-            loss = model(input_ids=x, labels=x).loss
-        total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
 
 
 def peak_memory_bytes(device):
@@ -227,26 +124,105 @@ def versions():
     return out
 
 
+# ---------------------------------------------------------------- resume
+
+
+def find_resume(args, rank):
+    """(checkpoint path, its checksum-file contents) to resume from, or (None, None) to start fresh."""
+    if not args.resume:
+        return None, None
+    if args.resume != "auto":
+        meta, why = ckpt.verify(args.resume)
+        if meta is None:
+            raise UsageError(f"--resume {args.resume}: not an intact checkpoint: {why}")
+        say(rank, f"resuming from {args.resume} (step {meta['step']})")
+        return args.resume, meta
+    path, meta, skipped = ckpt.newest_intact(args.output_dir)
+    for bad, why in skipped:
+        say(rank, f"not resuming from {bad}: {why}")
+    if path is None:
+        say(rank, f"--resume auto: no intact checkpoint in {ckpt.checkpoint_dir(args.output_dir)}; starting fresh")
+    else:
+        say(rank, f"--resume auto: resuming from {path} (step {meta['step']})")
+    return path, meta
+
+
+def check_resume_options(args, path, meta):
+    """The differences between this run's training options and the checkpoint's; refused unless --override."""
+    diffs, structural = opts.option_differences(meta.get("args", {}), opts.training_options(args))
+    if structural:
+        raise UsageError(f"--resume {path}: the checkpoint's state was built for other values of "
+                         f"{len(structural)} option(s), which not even --override can change (start a new run "
+                         "in another --output-dir):\n  " + "\n  ".join(structural))
+    if diffs and not args.override:
+        raise UsageError(f"--resume {path}: {len(diffs)} training option(s) differ from the checkpoint's "
+                         "(resume with the same options, or pass --override to train with the new ones):\n  "
+                         + "\n  ".join(diffs))
+    return diffs
+
+
+def restore(path, model, optimizer, scheduler, override):
+    """Load the checkpoint into model / optimizer / scheduler. With --override the param groups keep this run's
+    hyperparameters (load_state_dict would bring back the checkpoint's) and the schedule restarts from this
+    run's peak lr at the checkpoint's step."""
+    inner = optimizer if hasattr(optimizer, "param_groups") else optimizer.optimizer  # layer-wise wrapper
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+    state = ckpt.load(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if override:
+        for group, options in zip(inner.param_groups, fresh):
+            group.update(options)
+        scheduler.base_lrs = [g["initial_lr"] for g in inner.param_groups]
+        lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+    return state
+
+
+# ---------------------------------------------------------------- main
+
+
+def prepare_run(argv):
+    """Parse and check everything that does not need the data: bad input fails here, in seconds."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+    try:
+        config = load_config(args.model)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_name = opts.resolve(args, explicit, config, world)
+    opts.check_optimizer(args, config)
+    opts.check_data(args)
+    return args, config, model_name
+
+
+@entry_point(opts.PROG)
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, config, model_name = prepare_run(argv)
     rank, world, device = setup_distributed(args)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    model_name = os.path.splitext(os.path.basename(args.model))[0]
-    args.output_dir = args.output_dir or os.path.join("runs", f"{model_name}-{args.optimizer}-seed{args.seed}")
+    if rank == 0:
+        opts.check_output_dir(args)
+        for stale in ckpt.remove_stale_tmp(args.output_dir):
+            say(rank, f"removed {stale} (left by an interrupted run)")
+    resume_path, meta = find_resume(args, rank)
+    overridden = check_resume_options(args, resume_path, meta) if resume_path else []
     global_batch = args.batch_size * args.grad_accum * world
     tokens_per_step = global_batch * args.seq_len
-    if args.max_tokens is not None:
-        args.max_steps = math.ceil(args.max_tokens / tokens_per_step)
-    args.max_steps = 1000 if args.max_steps is None else args.max_steps
-    if args.layerwise and world > 1:
-        raise ValueError("--layerwise updates weights inside backward, before DDP could average the gradients")
-    optimizer_class(args.optimizer)  # fail before data preparation if the optimizer cannot be imported
 
     random.seed(args.seed)
     np.random.seed(args.seed)
-    config = load_config(args.model)
-    corpus, tok, train_blocks, val_blocks, timings = prepare_data(
-        args, config, args.max_steps * tokens_per_step, rank, world)
+    try:
+        corpus, tok, train_blocks, val_blocks, timings = prepare_data(
+            args, config, args.max_steps * tokens_per_step, rank, world)
+    except (ValueError, KeyError, OSError) as e:  # a corpus too small, a missing --text-field, an unreadable file
+        raise UsageError(f"--data {args.data}: {str(e).strip(chr(34) + chr(39))}") from None
     model = build_model(config, args.seed).to(device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = build_optimizer(args.optimizer, model, args)
@@ -255,102 +231,48 @@ def main(argv=None):
         optimizer = attach_layerwise(optimizer, args)
 
     step, data_pos, train_time, evals = 0, 0, 0.0, []
-    resume_path = resolve_resume(args) if args.resume else None
     if resume_path:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler)
-        step, data_pos, evals = state["step"], state["data_pos"], state.get("evals", [])
-        train_time = state.get("train_time", 0.0)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-    log = open(os.path.join(args.output_dir, "log.jsonl"), "a" if resume_path else "w") if rank == 0 else None
-    sampler = D.BlockSampler(len(train_blocks), args.seed)
-
-    def record(entry):
+        state = restore(resume_path, model, optimizer, scheduler, bool(overridden))
+        step, data_pos, evals = state["step"], state["data_pos"], state["evals"]
+        train_time = state["train_time"]
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    if rank == 0 and resume_path:
+        dropped = ckpt.truncate_log(log_path, step)
+        if dropped:
+            say(rank, f"dropped {dropped} log entries past step {step} from {log_path}")
+    log = open(log_path, "a" if resume_path else "w") if rank == 0 else None
+    try:
+        run = Loop(args, device, rank, world, ddp_model, model, optimizer, scheduler, train_blocks, val_blocks, log)
+        run.step, run.data_pos, run.train_time, run.evals = step, data_pos, train_time, evals
+        run.train(corpus)
+    finally:
         if log is not None:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+            log.close()
 
-    def run_eval():
-        loss = evaluate(model, val_blocks, args, device, rank, world)
-        evals.append({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
-        record(evals[-1])
-        if rank == 0:
-            print(f"step {step}: eval_loss {loss:.4f} ppl {evals[-1]['eval_ppl']:.2f}", file=sys.stderr, flush=True)
-
-    from tqdm.auto import tqdm
-
-    show_bar = rank == 0 and sys.stderr.isatty()
-    bar = tqdm(total=args.max_steps, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start_step, start_time, loss_value = step, train_time, float("nan")  # (train_time counts resumed-from runs)
-    while step < args.max_steps:
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            # this rank's shard of the global batch: a fixed slice, so N ranks == 1 process with N x batch
-            first = data_pos + (micro * world + rank) * args.batch_size
-            x = train_blocks[sampler.indices(first, args.batch_size)].to(device)
-            sync = contextlib.nullcontext() if world == 1 or micro == args.grad_accum - 1 else ddp_model.no_sync()
-            with sync:
-                with autocast(device, args.dtype):
-                    loss = ddp_model(input_ids=x, labels=x).loss / args.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = None
-        if not args.layerwise:  # (layer-wise: the weights were already updated inside the last backward)
-            if args.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-            optimizer.step()
-        with warnings.catch_warnings():  # layer-wise updates bypass optimizer.step(), which the scheduler watches
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_value = loss_sum.item()  # also synchronises CUDA, so the step time below is real
-        step, data_pos = step + 1, data_pos + global_batch
-        dt = time.time() - t0
-        train_time += dt
-        lr = scheduler.get_last_lr()[0]
-        record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / dt, "step_s": dt})
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        bar.update(1)
-        if not show_bar and rank == 0 and args.log_every and step % args.log_every == 0:
-            eta = (args.max_steps - step) * (train_time - start_time) / (step - start_step)
-            print(f"step {step}/{args.max_steps} loss {loss_value:.4f} {tokens_per_step / dt:,.0f} tok/s "
-                  f"eta {eta:.0f}s", file=sys.stderr, flush=True)
-        if args.eval_every and step % args.eval_every == 0:
-            run_eval()
-        if args.save_every and step % args.save_every == 0:
-            if rank == 0:
-                save_checkpoint(args, step, data_pos, model, optimizer, scheduler,
-                                {"evals": evals, "train_time": train_time, "corpus_hash": corpus.hash})
-            _barrier(world)
-    bar.close()
-    if not evals or evals[-1]["step"] != step:
-        run_eval()
-
-    run_tokens, run_time = (step - start_step) * tokens_per_step, train_time - start_time
+    run_tokens, run_time = (run.step - step) * tokens_per_step, run.train_time - train_time
     summary = {
-        "eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"], "evals": evals,
-        "final_train_loss": loss_value, "steps": step, "tokens": step * tokens_per_step,
+        "eval_loss": run.evals[-1]["eval_loss"], "eval_ppl": run.evals[-1]["eval_ppl"], "evals": run.evals,
+        "final_train_loss": run.loss_value, "steps": run.step, "tokens": run.step * tokens_per_step,
         "tokens_per_s": run_tokens / run_time if run_tokens and run_time else None,
-        "train_time_s": train_time, "state_bytes": state_bytes(optimizer), "peak_mem_bytes": peak_memory_bytes(device),
+        "train_time_s": run.train_time, "state_bytes": state_bytes(optimizer),
+        "peak_mem_bytes": peak_memory_bytes(device),
         "num_params": sum(p.numel() for p in model.parameters()), "model": model_name,
         "config": json.loads(config.to_json_string()), "optimizer": optimizer_options(args.optimizer, args),
+        "recipe": args.recipe, "recipe_applied": args.recipe_applied,
         "layerwise": args.layerwise, "corpus": corpus.describe(), "corpus_hash": corpus.hash,
         "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "id": tok.id},
         "data": {"train_blocks": len(train_blocks), "val_blocks": len(val_blocks), **timings},
         "world_size": world, "global_batch": global_batch, "seq_len": args.seq_len, "device": str(device),
-        "dtype": args.dtype, "seed": args.seed, "resumed_from": resume_path, "versions": versions(),
-        "args": vars(args),
+        "dtype": args.dtype, "seed": args.seed, "resumed_from": resume_path, "overridden": overridden,
+        "versions": versions(), "args": vars(args),
     }
     if rank == 0:
-        log.close()
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        path = os.path.join(args.output_dir, "summary.json")
+        ckpt.write_json(path, summary)
+        tps = summary["tokens_per_s"]
+        print(f"summary: {path}\neval loss {summary['eval_loss']:.4f}, ppl {summary['eval_ppl']:.2f}; "
+              f"{'-' if tps is None else format(tps, ',.0f')} tokens/s; optimizer state "
+              f"{summary['state_bytes'] / 2 ** 20:.2f} MiB ({summary['state_bytes']:,} bytes)", flush=True)
     return summary
 
 

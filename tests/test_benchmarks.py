@@ -1,6 +1,7 @@
 """Pretraining benchmark: configs, shapes, data pipeline, smoke run, exact resume, DDP equivalence, offline hf:."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from benchmarks import checkpoint  # noqa: E402
 from benchmarks import data as D  # noqa: E402
 from benchmarks.model import build_model, config_names, load_config, weight_shapes  # noqa: E402
 from benchmarks.pretrain import cosine_with_min_lr, main  # noqa: E402
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # hidden, intermediate, layers, heads, vocab
@@ -124,7 +127,14 @@ def test_max_tokens_and_grad_accum(data_dir, tmp_path):
 
 def _final_params(run_dir):
     ckpt = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    return checkpoint.read(ckpt)["model"]  # torch.load(weights_only=True)
+
+
+def _copy_checkpoint(src_dir, dst_dir, step):
+    """A checkpoint is its .pt file plus the checksum file beside it."""
+    os.makedirs(dst_dir / "checkpoints", exist_ok=True)
+    for ext in (".pt", ".json"):
+        shutil.copy(src_dir / "checkpoints" / f"step_{step:08d}{ext}", dst_dir / "checkpoints")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "galore_ref"])
@@ -136,8 +146,7 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path, optimizer):
               "--rank", "8", "--update-proj-gap", "2"]
     full = main(micro_argv(data_dir, tmp_path, "full", *common))
     half = tmp_path / "half"
-    os.makedirs(half / "checkpoints")
-    shutil.copy(tmp_path / "full" / "checkpoints" / "step_00000003.pt", half / "checkpoints")
+    _copy_checkpoint(tmp_path / "full", half, 3)
     resumed = main(micro_argv(data_dir, tmp_path, "half", *common, "--resume", "auto"))
     assert resumed["resumed_from"].endswith("step_00000003.pt")
     a, b = _final_params(tmp_path / "full"), _final_params(half)
@@ -161,12 +170,14 @@ def test_ddp_two_ranks_equals_single_process(data_dir, tmp_path):
     assert sa["eval_loss"] == pytest.approx(sb["eval_loss"], rel=1e-5)
 
 
-def test_hf_offline_fails_fast(monkeypatch, tmp_path):
+def test_hf_offline_fails_fast(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     t = time.time()
-    with pytest.raises(ConnectionError, match=r"allenai/c4.*(unreachable|OFFLINE)"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--model", "llama_micro", "--data", "hf:allenai/c4:en", "--cache-dir", str(tmp_path),
               "--output-dir", str(tmp_path / "out"), "--max-steps", "1"])
+    assert exit_info.value.code == 2
+    assert re.search(r"allenai/c4.*(unreachable|OFFLINE)", capsys.readouterr().err)
     assert time.time() - t < 10
 
 
@@ -208,11 +219,13 @@ def test_optimizer_factory(data_dir, tmp_path):
     assert 0 < state_bytes(ref) < 2 * 4 * sum(p.numel() for p in model.parameters())
 
 
-def test_missing_lowrank_package_is_a_clear_error(monkeypatch, data_dir, tmp_path):
+def test_missing_lowrank_package_is_a_clear_error(monkeypatch, data_dir, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "lowrank_optim", None)  # makes `import lowrank_optim` raise ImportError
     t = time.time()
-    with pytest.raises(ImportError, match="--optimizer fira needs lowrank_optim.FiraAdamW"):
+    with pytest.raises(SystemExit) as exit_info:
         main(micro_argv(data_dir, tmp_path, "run", "--optimizer", "fira", "--max-steps", "1"))
+    assert exit_info.value.code == 2
+    assert "--optimizer fira needs lowrank_optim.FiraAdamW" in capsys.readouterr().err
     assert time.time() - t < 5  # checked before any data preparation
 
 
@@ -240,8 +253,7 @@ def test_resume_is_bitwise_exact_for_our_optimizers(data_dir, tmp_path, optimize
               "--rank", "8", "--update-proj-gap", "2"]
     main(micro_argv(data_dir, tmp_path, "full", *common))
     half = tmp_path / "half"
-    os.makedirs(half / "checkpoints")
-    shutil.copy(tmp_path / "full" / "checkpoints" / "step_00000003.pt", half / "checkpoints")
+    _copy_checkpoint(tmp_path / "full", half, 3)
     main(micro_argv(data_dir, tmp_path, "half", *common, "--resume", "auto"))
     a, b = _final_params(tmp_path / "full"), _final_params(half)
     assert all(torch.equal(a[k], b[k]) for k in a)
