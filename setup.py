@@ -35,6 +35,7 @@ setup(
             "fira==1.0.2",
             "bitsandbytes>=0.50",
             "triton>=3.0",
+            "apollo-torch==1.0.3",
             "ruff>=0.6",
         ],
         "bench": ["transformers>=4.40", "tokenizers", "datasets", "tqdm", "matplotlib", "optuna", "bitsandbytes>=0.50"],

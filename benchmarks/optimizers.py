@@ -189,14 +189,10 @@ def _routed_kwargs(name, cls, args):
 
 
 def _engine_options(cls):
-    """Names of the engine's optimizer-wide options: its DEFAULTS table, or else the defaults an instance over
-    one dummy parameter reports."""
-    try:
-        from lowrank_optim.optimizer import DEFAULTS
+    """Names of every option the engine's parts declare (optimizer-wide defaults or group keys)."""
+    from lowrank_optim.optimizer import all_options
 
-        return set(DEFAULTS)
-    except ImportError:
-        return set(cls([torch.nn.Parameter(torch.zeros(2, 2))]).defaults)
+    return set(all_options())
 
 
 # options that only mean something on the low-rank group

@@ -4,6 +4,7 @@
     opt = GaLoreAdamW(lowrank_param_groups(model, ["attn", "mlp"], rank=128), lr=1e-3)
 """
 from .apollo import APOLLOAdamW, APOLLOMiniAdamW
+from .convert import convert_state_dict, detect_source, foreign_state_message
 from .dct import DCTAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
@@ -19,5 +20,5 @@ from .sst import SSTAdamW
 __version__ = "0.1.0"
 
 __all__ = ["LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "FiraAdamW", "FrugalAdamW",
-           "DCTAdamW", "SSTAdamW", "APOLLOAdamW", "APOLLOMiniAdamW", "METHODS", "method", "LayerwiseOptimizer", "lowrank_param_groups", "estimate_state_bytes",
+           "DCTAdamW", "SSTAdamW", "APOLLOAdamW", "APOLLOMiniAdamW", "METHODS", "method", "convert_state_dict", "detect_source", "foreign_state_message", "LayerwiseOptimizer", "lowrank_param_groups", "estimate_state_bytes",
            "PROJECTORS", "make_projector", "__version__"]

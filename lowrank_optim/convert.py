@@ -28,7 +28,7 @@ import torch
 
 from . import quant
 from .inner import DTYPES
-from .optimizer import ADAFACTOR_DEFAULTS, DEFAULTS, matrix_shape, side_for
+from .optimizer import defaults_for, matrix_shape, side_for
 
 SOURCES = ("galore-torch", "fira", "lowrank_optim", "torch")
 
@@ -193,9 +193,9 @@ def _convert_group(group: Dict, gi: int, source: str, target: Optional[Dict]) ->
     if target is not None:
         out = {k: v for k, v in target.items() if k != "params"}
     else:
-        out = dict(DEFAULTS)
+        out = defaults_for({"inner": "adafactor" if adafactor else "adam"})
         if adafactor:
-            out.update(ADAFACTOR_DEFAULTS)
+            out["lr"] = None
     out.pop("rank", None)  # present only where the checkpoint has it: the state layout follows the checkpoint
     consumed = {"params", *_LOWRANK_KEYS, "scale", "alpha"}
     if source == "torch":

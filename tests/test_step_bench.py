@@ -96,7 +96,7 @@ def test_peak_lookup():
 
 def test_kernel_table_runs_through_the_interpreter():
     """The CUDA-only table's code path, with the Triton interpreter and a wall-clock timer on CPU."""
-    from triton_kernels import interpreter_enabled, triton_available
+    from lowrank_optim.kernels import interpreter_enabled, triton_available
 
     if not (triton_available() and interpreter_enabled()):
         pytest.skip("needs triton with TRITON_INTERPRET=1")

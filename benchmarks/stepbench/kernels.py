@@ -53,7 +53,7 @@ def kernel_rows(shapes, rank, device, peak, timer=None):
     """Each Triton kernel (next to its torch reference) on the low-rank state / weight tensors of each distinct
     target shape: ms, achieved GB/s (bytes the kernel must move / time) and the fraction of `peak` GB/s."""
     from lowrank_optim import quant
-    from triton_kernels import adam8bit, projection, quant8
+    from lowrank_optim.kernels import adam8bit, projection, quant8
 
     timer = timer or (_cuda_ms if device.type == "cuda" else _wall_ms)
     rows = []
@@ -113,7 +113,7 @@ def kernel_rows(shapes, rank, device, peak, timer=None):
 def _vs_bnb(shape, g, state, device, timer):
     """Our fused 8-bit Adam moment update (Triton) vs bitsandbytes AdamW8bit.step() on a parameter of the same
     shape and gradient. Both use 256-element blocks with dynamic maps; bnb also writes the parameter."""
-    from triton_kernels import adam8bit
+    from lowrank_optim.kernels import adam8bit
 
     row = {"kernel": "adam8bit_step vs bnb AdamW8bit", "shape": list(shape)}
     try:

@@ -75,7 +75,7 @@ def build(method, dense, low, args, gap):
 
 
 def state_bytes(opt):
-    from benchmarks.optimizers import state_bytes as count
+    from ..optimizers import state_bytes as count
 
     return count(opt)
 
@@ -137,6 +137,6 @@ def resolved_backend(device):
         return chosen
     if device.type != "cuda":
         return "torch"
-    from triton_kernels import triton_available
+    from lowrank_optim.kernels import triton_available
 
     return "triton" if triton_available() else "torch"

@@ -35,11 +35,11 @@ def _config_shapes(config):
 def model_shapes(model, layers, include_embeddings):
     """name -> shape of the weights to bench: the first `layers` transformer layers (0 = all) with their RMSNorm
     weights, plus embed_tokens, lm_head and the final norm when include_embeddings."""
-    from benchmarks.model import load_config
+    from ..model import load_config
 
     config = load_config(model)
     try:
-        from benchmarks.model import weight_shapes
+        from ..model import weight_shapes
 
         shapes = weight_shapes(config)
     except ImportError:
