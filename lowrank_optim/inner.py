@@ -33,10 +33,11 @@ def where_keep(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(keep.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def gated(keep: torch.Tensor, factor: float) -> torch.Tensor:
-    """A multiplier that is ``factor`` when the step is kept and exactly 1 when it is skipped (fp32, on device)."""
-    return torch.where(keep.bool(), torch.tensor(factor, dtype=torch.float32, device=keep.device),
-                       torch.ones((), dtype=torch.float32, device=keep.device))
+def gated(keep: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A multiplier that is ``factor`` when the step is kept and exactly 1 when it is skipped (on the device, in
+    the dtype it multiplies, so it rounds as the Python number would)."""
+    return torch.where(keep.bool(), torch.tensor(factor, dtype=dtype, device=keep.device),
+                       torch.ones((), dtype=dtype, device=keep.device))
 
 
 class Moment:
@@ -173,12 +174,13 @@ class Adam:
                 Moment.create(st, "exp_avg", g, group, signed=True)
                 Moment.create(st, "exp_avg_sq", g, group, signed=False)
         ts = [_step_counter(st, counter, device) for st in states]
-        torch._foreach_add_(ts, keep)
+        for t in ts:
+            t.add_(keep)
         steps, bc2_sqrt, factors = bias_steps(ts, group["lr"], beta1, beta2, group["correct_bias"])
         clean = [where_keep(keep, g) for g in grads]
         eps = group["eps"]
         if eps_style == "torch":
-            eps_list = [(bc * eps).float() for bc in bc2_sqrt]
+            eps_list = [(bc * eps).to(g.dtype) for bc, g in zip(bc2_sqrt, grads)]
         out: List[Optional[Direction]] = [None] * len(states)
         plain = [i for i, st in enumerate(states) if not Moment.is_quantized(st, "exp_avg")]
         if plain:
@@ -186,9 +188,9 @@ class Adam:
             ms = [Moment.load(states[i], "exp_avg", True, compute) for i in plain]
             vs = [Moment.load(states[i], "exp_avg_sq", False, compute) for i in plain]
             gs = [clean[i] for i in plain]
-            torch._foreach_mul_(ms, gated(keep, beta1))
+            torch._foreach_mul_(ms, gated(keep, beta1, compute))
             torch._foreach_add_(ms, gs, alpha=1 - beta1)
-            torch._foreach_mul_(vs, gated(keep, beta2))
+            torch._foreach_mul_(vs, gated(keep, beta2, compute))
             torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
             for i, m, v in zip(plain, ms, vs):
                 Moment.store(states[i], "exp_avg", m, True)
@@ -200,7 +202,7 @@ class Adam:
                 torch._foreach_add_(denoms, eps)
             dirs = torch._foreach_div(ms, denoms)
             for i, d in zip(plain, dirs):
-                out[i] = Direction(d, steps[i].float(), group["lr"], factors[i].float())
+                out[i] = Direction(d, steps[i].to(compute), group["lr"], factors[i].to(compute))
         for i, st in enumerate(states):
             if out[i] is not None:
                 continue

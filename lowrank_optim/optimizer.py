@@ -431,10 +431,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             fingerprint = tuple((k, (id(v), v._version) if isinstance(v, torch.Tensor) else v)
                                 for k, v in g.items() if k != "params")
             if self._validated.get(i) != fingerprint:
-                for k in g:
-                    if k != "params" and k not in self.defaults:  # defaults fill every group, as in torch
-                        O.check_keys([k], {o.name: "" for o in selected_options(g)}, all_options(),
-                                     f"param group {i}")
+                if not torch.compiler.is_compiling():  # a compiled step checks values; keys are checked eagerly
+                    keys = [k for k in g if k != "params" and k not in self.defaults]  # defaults fill every group
+                    O.check_keys(keys, {o.name: "" for o in selected_options(g)}, all_options(), f"param group {i}")
                 self._validate_group(g, i)
                 self._validated[i] = fingerprint
 
@@ -576,13 +575,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if host and self._skip_on_host(found, items, stage="gradient"):
             return
         low = [it for it in items if it.lowrank]
-        for route_name in {it.group["route"] for it in low}:
+        routes = list(dict.fromkeys(it.group["route"] for it in low))
+        for route_name in routes:
             ROUTES[route_name].prepare(self, [it for it in low if it.group["route"] == route_name])
         flags = [found] + [_tensor_flag(it.R) for it in low if it.R is not None]
         found = torch.stack([f.to(found.device) for f in flags]).amax() if len(flags) > 1 else found
         if host and self._skip_on_host(found, items, stage="projected gradient"):
             return
-        for route_name in {it.group["route"] for it in low}:
+        for route_name in routes:
             ROUTES[route_name].commit_refresh(self, [it for it in low if it.group["route"] == route_name])
         keeps: Dict[torch.device, torch.Tensor] = {}
 
@@ -591,7 +591,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 keeps[device] = 1.0 - found.to(device=device, dtype=torch.float32)
             return keeps[device]
 
-        for route_name in {it.group["route"] for it in low}:
+        for route_name in routes:
             ROUTES[route_name].update(self, [it for it in low if it.group["route"] == route_name], keep_on)
         self._dense_step([it for it in items if not it.lowrank], found, keep_on)
         for it in items:
@@ -774,19 +774,21 @@ def apply_update(p: torch.Tensor, group: Dict, update: torch.Tensor, step: torch
     dtype, and nothing at all when ``keep`` is 0 (``update`` must then be finite; ``extra`` may hold anything)."""
     target = p if p.dtype in (torch.float32, torch.float64) else p.float()
     shape = (update if update is not None else extra).shape
-    flat = target.view(shape) if target.is_contiguous() else target.reshape(shape)
+    contiguous = target.is_contiguous()  # else (channels_last) work on a row-major copy and write it back
+    flat = target.view(shape) if contiguous else target.reshape(shape)
     if group["weight_decay"]:
         decay = 1 - _as_float(lr) * group["weight_decay"] if not isinstance(lr, torch.Tensor) else \
             (1 - lr.detach().double() * group["weight_decay"])
-        flat.mul_(gated(keep, decay) if not isinstance(decay, torch.Tensor) else
-                  torch.where(keep.bool(), decay.to(keep.device, torch.float32), torch.ones_like(keep)))
+        flat.mul_(gated(keep, decay, flat.dtype) if not isinstance(decay, torch.Tensor) else
+                  torch.where(keep.bool(), decay.to(keep.device, flat.dtype), torch.ones((), dtype=flat.dtype,
+                                                                                       device=keep.device)))
     if update is not None:
-        flat.addcmul_(update, (-step * keep).to(update.dtype))
+        flat.addcmul_(update, -step.to(flat.dtype) * keep.to(flat.dtype))
     if extra is not None:
-        scale = (-(_lr64(lr, keep.device) * extra_scale)).float() * keep
-        flat.addcmul_(where_keep(keep, extra), scale.to(extra.dtype))
-    if flat.data_ptr() != target.data_ptr() or not target.is_contiguous():
-        target.copy_(flat.view_as(target))
+        scale = (-(_lr64(lr, keep.device) * extra_scale)).to(flat.dtype) * keep.to(flat.dtype)
+        flat.addcmul_(where_keep(keep, extra), scale)
+    if not contiguous:
+        target.copy_(flat.view(target.shape))
     if target is not p:
         p.copy_(target)
 

@@ -159,7 +159,8 @@ def test_optimizer_copies_and_pickles_like_torch(how):
     train(model, opt, batches(2))
     twin = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
     model2, opt2 = twin
-    assert opt2.nonfinite == "raise" and opt2.defaults == opt.defaults
+    same = {k: v for k, v in opt2.defaults.items() if k != "differentiable"}  # torch's __setstate__ adds it
+    assert opt2.nonfinite == "raise" and same == opt.defaults
     train(model, opt, batches(3, seed=5))
     train(model2, opt2, batches(3, seed=5))
     for (k, a), b in zip(model.named_parameters(), model2.parameters()):

@@ -65,7 +65,7 @@ all_shapes = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[
 
 
 def test_registry_has_every_builtin():
-    assert set(PROJECTORS) == {"svd", "rsvd", "random", "dct", "columns", "sst"}
+    assert set(PROJECTORS) == {"blocks", "svd", "rsvd", "random", "dct", "columns", "sst"}
     assert PROJECTORS["dct"].index_based and PROJECTORS["columns"].index_based
     with pytest.raises(ValueError):
         make_projector("nope", 4, "left", (8, 8))
