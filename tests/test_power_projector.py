@@ -1,0 +1,147 @@
+"""The ``power`` projector: warm-started subspace iteration converges to the top-r SVD subspace, tracks a slowly
+changing gradient, keeps a converged basis still, and never takes a full SVD."""
+import pytest
+import torch
+
+from lowrank_optim.projectors import ProjectorError, make_projector
+from lowrank_optim.projectors.base import orthonormal_columns
+
+
+def gapped(m, n, r, seed=0, drift=None):
+    """G = U diag(sigma) V^T with a clear gap after r (sigma_r / sigma_{r+1} = 6), in fp64 then fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
+    sigma = torch.cat([torch.linspace(10, 6, r, dtype=torch.float64), torch.linspace(1, 0.1, k - r,
+                                                                                      dtype=torch.float64)])
+    return u, sigma, v
+
+
+def compose(u, sigma, v):
+    return (u * sigma) @ v.t()
+
+
+def sin_angle(basis, ref):
+    """Sine of the largest principal angle between span(basis) and span(ref) (both orthonormal)."""
+    b, q = basis.double(), ref.double()
+    return torch.linalg.matrix_norm(b - q @ (q.t() @ b), ord=2).item()
+
+
+def start_state(proj, grad, which, seed=3):
+    """A state whose previous basis is an arbitrary orthonormal guess (not the first refresh)."""
+    size = grad.shape[0] if which == "left" else grad.shape[1]
+    guess = orthonormal_columns(torch.randn(size, proj.basis_width(), generator=torch.Generator().manual_seed(seed)))
+    return {"proj_refreshes": 1, f"proj_{which}": guess}
+
+
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_converges_to_top_singular_subspace_from_a_poor_start(side, shape):
+    r = 5
+    u, sigma, v = gapped(*shape, r)
+    grad = compose(u, sigma, v).float()
+    proj = make_projector("power", r, side, shape, power_iters=1)
+    anchor = "left" if side in ("left", "full") else "right"
+    state = start_state(proj, grad, anchor)
+    refs = {"left": u[:, :r], "right": v[:, :r]}
+    angles = [sin_angle(proj.basis(state, anchor), refs[anchor])]
+    for _ in range(6):
+        state = {**state, **proj.refresh(state, grad)}
+        angles.append(sin_angle(proj.basis(state, anchor), refs[anchor]))
+    assert angles[0] > 0.5
+    # each iteration shrinks tan(angle) by (sigma_{r+1} / sigma_r)^2 = 1/36 (the classical bound for subspace
+    # iteration), down to fp32 round-off; allow a factor 2 of slack on the rate
+    tans = [s / max(1 - s * s, 1e-300) ** 0.5 for s in angles]
+    for before, after in zip(tans, tans[1:]):
+        assert after <= max(before / 18, 1e-5), angles
+    assert angles[-1] < 1e-5
+    for which, _ in proj.projected_dims():  # the other side (full) comes from the same iteration
+        assert sin_angle(proj.basis(state, which), refs[which]) < 1e-5
+        b = proj.basis(state, which)
+        torch.testing.assert_close(b.t() @ b, torch.eye(r), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("iters", [1, 2])
+def test_tracks_a_slowly_rotating_gradient_vector_by_vector(iters):
+    m, n, r = 48, 32, 6
+    u, sigma, v = gapped(m, n, r, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    turn = torch.linalg.matrix_exp(0.02 * (lambda a: a - a.t())(torch.randn(m, m, generator=gen,
+                                                                              dtype=torch.float64)))
+    proj = make_projector("power", r, "left", (m, n), power_iters=iters)
+    state = {"proj_refreshes": 0}
+    lag = 0.0
+    for step in range(8):
+        turned = turn @ u  # the singular vectors turn a little (~0.1 rad) between refreshes
+        drift, u = sin_angle(turned[:, :r], u[:, :r]), turned
+        grad = compose(u, sigma, v).float()
+        state = {**state, **proj.refresh(state, grad)}
+        p = proj.basis(state, "left")
+        err = sin_angle(p, u[:, :r])
+        if step:  # the first refresh is the seeded randomized SVD
+            # the guess starts (lag + drift) away and each iteration divides that by (sigma_r / sigma_{r+1})^2
+            assert err <= 2 * (lag + drift) / 36 ** iters + 2e-5, (step, err, lag, drift)
+        assert drift > 0.05 and err < 0.01
+        lag = err
+        # Rayleigh-Ritz: the vectors are the singular vectors themselves, in order (up to sign)
+        torch.testing.assert_close((p.double().t() @ u[:, :r]).abs(), torch.eye(r, dtype=torch.float64),
+                                   atol=0.05 if iters == 1 else 1e-3, rtol=0)
+
+
+def test_converged_basis_stays_put():
+    """Refreshing on the same gradient keeps the basis (no rotation inside its span, no sign flips)."""
+    u, sigma, v = gapped(40, 30, 4, seed=4)
+    grad = compose(u, sigma, v).float()
+    proj = make_projector("power", 4, "right", (40, 30))
+    state = {"proj_refreshes": 0}
+    for _ in range(3):
+        state = {**state, **proj.refresh(state, grad)}
+    before = proj.basis(state, "right").clone()
+    state = {**state, **proj.refresh(state, grad)}
+    torch.testing.assert_close(proj.basis(state, "right"), before, atol=1e-5, rtol=0)
+
+
+def test_deterministic_and_state_holds_the_basis_only():
+    grads = [torch.randn(30, 20, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+
+    def run(seed):
+        proj = make_projector("power", 4, "full", (30, 20), seed=seed)
+        state = {"proj_refreshes": 0}
+        for g in grads:
+            new = proj.refresh(state, g)
+            assert set(new) == {"proj_refreshes", "proj_left", "proj_right"}
+            state = {**state, **new}
+        return state
+
+    a, b = run(0), run(0)
+    assert torch.equal(a["proj_left"], b["proj_left"]) and torch.equal(a["proj_right"], b["proj_right"])
+    assert not torch.allclose(run(1)["proj_left"], a["proj_left"], atol=1e-3)  # the seeded first refresh
+
+
+def test_no_full_svd_after_the_first_refresh(monkeypatch):
+    m, n, r = 60, 50, 4
+    grad = torch.randn(m, n)
+    proj = make_projector("power", r, "left", (m, n), power_iters=2)
+    state = {**{"proj_refreshes": 0}, **proj.refresh({"proj_refreshes": 0}, grad)}
+    shapes = []
+    real_svd, real_qr = torch.linalg.svd, torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: shapes.append(tuple(a.shape)) or real_svd(a, **kw))
+    monkeypatch.setattr(torch.linalg, "qr", lambda a, *x, **kw: shapes.append(tuple(a.shape)) or real_qr(a, *x, **kw))
+    proj.refresh(state, grad)
+    assert shapes and all(min(s) == r for s in shapes), shapes  # only thin m x r / n x r factorizations
+
+
+def test_nonfinite_gradient_on_a_warm_refresh_raises():
+    proj = make_projector("power", 4, "left", (30, 20))
+    state = {**{"proj_refreshes": 0}, **proj.refresh({"proj_refreshes": 0}, torch.randn(30, 20))}
+    grad = torch.randn(30, 20)
+    grad[1, 2] = float("inf")
+    with pytest.raises(ProjectorError):
+        proj.refresh(state, grad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_power_iters_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="power_iters"):
+        make_projector("power", 4, "left", (30, 20), power_iters=bad)
