@@ -1,10 +1,13 @@
 """The ``power`` projector: warm-started subspace iteration converges to the top-r SVD subspace, tracks a slowly
 changing gradient, keeps a converged basis still, and never takes a full SVD."""
+import math
+
 import pytest
 import torch
 
 from lowrank_optim.projectors import ProjectorError, make_projector
 from lowrank_optim.projectors.base import orthonormal_columns
+from lowrank_optim.projectors.power import orthonormalize
 
 
 def gapped(m, n, r, seed=0, drift=None):
@@ -145,3 +148,26 @@ def test_nonfinite_gradient_on_a_warm_refresh_raises():
 def test_power_iters_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="power_iters"):
         make_projector("power", 4, "left", (30, 20), power_iters=bad)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e5])
+def test_orthonormalize_spans_the_input(cond):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.linalg.qr(torch.randn(200, 12, generator=gen)).Q * torch.logspace(0, -math.log10(cond), 12)
+    x = x @ torch.linalg.qr(torch.randn(12, 12, generator=gen)).Q  # mix the scales across columns
+    q = orthonormalize(x)
+    torch.testing.assert_close(q.t() @ q, torch.eye(12), atol=1e-5, rtol=0)
+    # same span: x = q (q^T x) up to fp32 round-off relative to x's scale (q has x's rank, 12 columns)
+    assert ((x - q @ (q.t() @ x)).norm() / x.norm()).item() < 1e-5
+
+
+def test_orthonormalize_falls_back_on_rank_deficient_input():
+    x = torch.randn(50, 3) @ torch.randn(3, 6)  # rank 3 < 6 columns: the Gram matrix is singular
+    q = orthonormalize(x)
+    torch.testing.assert_close(q.t() @ q, torch.eye(6), atol=1e-5, rtol=0)
+    assert ((x - q @ (q.t() @ x)).norm() / x.norm()).item() < 1e-5
+    proj = make_projector("power", 4, "left", (50, 40))
+    state = {**{"proj_refreshes": 0}, **proj.refresh({"proj_refreshes": 0}, torch.randn(50, 40))}
+    rank_one = torch.randn(50, 1) @ torch.randn(1, 40)  # a warm refresh on a rank-1 gradient still works
+    p = proj.basis({**state, **proj.refresh(state, rank_one)}, "left")
+    torch.testing.assert_close(p.t() @ p, torch.eye(4), atol=1e-5, rtol=0)
