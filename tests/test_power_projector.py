@@ -171,3 +171,39 @@ def test_orthonormalize_falls_back_on_rank_deficient_input():
     rank_one = torch.randn(50, 1) @ torch.randn(1, 40)  # a warm refresh on a rank-1 gradient still works
     p = proj.basis({**state, **proj.refresh(state, rank_one)}, "left")
     torch.testing.assert_close(p.t() @ p, torch.eye(4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("seed", range(3))
+def test_oversample_recovers_a_subspace_the_old_basis_cannot_reach(side, seed):
+    """The gradient's top directions jump to a span orthogonal to the previous basis (plus noise): one iteration
+    from the old basis alone stays far from the new top-r subspace, a few random extra columns reach it."""
+    m, n, r = 60, 40, 4
+    gen = torch.Generator().manual_seed(seed)
+    big = torch.linalg.qr(torch.randn(m if side == "left" else n, 2 * r, generator=gen)).Q
+    old_dirs, new_dirs = big[:, :r], big[:, r:]
+    other = torch.linalg.qr(torch.randn(n if side == "left" else m, r, generator=gen)).Q
+    grad = (new_dirs * torch.tensor([10.0, 9.0, 8.0, 7.0])) @ other.t()
+    grad = (grad if side == "left" else grad.t()) + 0.05 * torch.randn(m, n, generator=gen)
+    u, _, vh = torch.linalg.svd(grad.double())
+    top = u[:, :r] if side == "left" else vh[:r].t()
+    state = {"proj_refreshes": 1, f"proj_{side}": old_dirs.contiguous()}
+    angle = {}
+    for p in (0, 2 * r):
+        proj = make_projector("power", r, side, (m, n), oversample=p)
+        basis = proj.basis({**state, **proj.refresh(state, grad)}, side)
+        angle[p] = sin_angle(basis, top)
+        torch.testing.assert_close(basis.t() @ basis, torch.eye(r), atol=1e-5, rtol=0)
+    assert angle[2 * r] < 0.1 < angle[0] and angle[0] > 3 * angle[2 * r], angle
+
+
+def test_oversample_is_clamped_and_seeded():
+    proj = make_projector("power", 4, "left", (12, 6), oversample=100)  # at most min(m, n) - r = 2 extra
+    grads = [torch.randn(12, 6, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    runs = []
+    for _ in range(2):
+        state = {"proj_refreshes": 0}
+        for g in grads:
+            state = {**state, **proj.refresh(state, g)}
+        runs.append(state["proj_left"])
+    assert runs[0].shape == (12, 4) and torch.equal(runs[0], runs[1])

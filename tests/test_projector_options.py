@@ -9,7 +9,7 @@ from lowrank_optim.projectors import PROJECTORS, make_projector
 DECLARED = {
     "svd": {"basis_bits", "basis_sign"},
     "rsvd": {"basis_bits", "basis_sign", "oversample", "power_iters"},
-    "power": {"basis_bits", "basis_sign", "power_iters"},
+    "power": {"basis_bits", "basis_sign", "power_iters", "oversample"},
     "sst": {"basis_bits", "basis_sign", "sst_weight"},
     "random": {"random_style"},
     "dct": {"dct_norm", "dct_impl"},

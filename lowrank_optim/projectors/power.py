@@ -10,7 +10,10 @@ and ends with a Rayleigh-Ritz step, the thin SVD of Y = U_Y S V_Y^T (via Y = Q R
 P = U_Y, and Q = Z V_Y for the other side. The Ritz step orders the vectors by singular value and fixes the rotation inside the subspace, so a basis
 that has converged stays put (moments kept across the refresh keep their meaning) instead of drifting inside its
 span as plain QR iteration would. Each iteration shrinks the angle to the top-r subspace by (sigma_{r+1}/sigma_r)^2.
-The first refresh, with no previous basis, is a seeded randomized SVD (``rsvd``'s defaults). The right side runs the
+With ``oversample`` = p > 0 the start block is the previous basis plus p seeded Gaussian columns (r + p columns
+iterated, the top r Ritz vectors kept): directions that entered the gradient since the last refresh, which the old
+basis cannot reach, get a chance, for (r + p) / r of the cost. The first refresh, with no previous basis, is a
+seeded randomized SVD (``rsvd``'s defaults). The right side runs the
 same iteration on G^T. No full SVD is ever taken: O(m n r) instead of O(m n min(m, n)).
 """
 from __future__ import annotations
@@ -32,11 +35,14 @@ class PowerProjector(SVDProjector):
     options = {
         **SVDProjector.options,
         "power_iters": (1, int_at_least(1), "subspace iterations per refresh from the previous basis (an int >= 1)"),
+        "oversample": (0, int_at_least(0), "seeded random columns added to the previous basis before iterating "
+                       "(an int >= 0; clamped to min(m, n) - rank)"),
     }
 
-    def __init__(self, rank, side, shape, seed=0, power_iters: int = 1, **options):
+    def __init__(self, rank, side, shape, seed=0, power_iters: int = 1, oversample: int = 0, **options):
         super().__init__(rank, side, shape, seed, **options)
         self.power_iters = self.check_option("power_iters", power_iters)
+        self.oversample = self.check_option("oversample", oversample)
 
     def refresh(self, state, grad):
         a = grad.float()
@@ -46,8 +52,15 @@ class PowerProjector(SVDProjector):
             u, _, vh = randomized_svd(a, self.basis_width(), FIRST_OVERSAMPLE, FIRST_POWER_ITERS,
                                       self.generator(state, a.device), self.name)
             return self._store(state, u, vh)
+        start = start.to(a.device)
+        width = self.basis_width()
+        extra = min(self.oversample, min(self.shape) - width)
+        if extra > 0:
+            gen = self.generator(state, a.device)
+            start = torch.cat([start, torch.randn(start.shape[0], extra, generator=gen, device=a.device)], dim=1)
         # The right side is the left side of G^T: P tracks the anchor side, Q the other one.
-        p, q = subspace_iteration(a if anchor == "left" else a.t(), start.to(a.device), self.power_iters, self.name)
+        p, q = subspace_iteration(a if anchor == "left" else a.t(), start, self.power_iters, self.name)
+        p, q = p[:, :width], q[:, :width]  # Ritz vectors come sorted by singular value
         if anchor == "left":
             return self._store(state, p, q.t())
         return self._store(state, None, p.t())
