@@ -126,7 +126,7 @@ def test_no_full_svd_after_the_first_refresh(monkeypatch):
     m, n, r = 60, 50, 4
     grad = torch.randn(m, n)
     proj = make_projector("power", r, "left", (m, n), power_iters=2)
-    state = {**{"proj_refreshes": 0}, **proj.refresh({"proj_refreshes": 0}, grad)}
+    state = {"proj_refreshes": 0, **proj.refresh({"proj_refreshes": 0}, grad)}
     shapes = []
     real_svd, real_qr = torch.linalg.svd, torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: shapes.append(tuple(a.shape)) or real_svd(a, **kw))
@@ -137,7 +137,7 @@ def test_no_full_svd_after_the_first_refresh(monkeypatch):
 
 def test_nonfinite_gradient_on_a_warm_refresh_raises():
     proj = make_projector("power", 4, "left", (30, 20))
-    state = {**{"proj_refreshes": 0}, **proj.refresh({"proj_refreshes": 0}, torch.randn(30, 20))}
+    state = {"proj_refreshes": 0, **proj.refresh({"proj_refreshes": 0}, torch.randn(30, 20))}
     grad = torch.randn(30, 20)
     grad[1, 2] = float("inf")
     with pytest.raises(ProjectorError):
@@ -167,7 +167,7 @@ def test_orthonormalize_falls_back_on_rank_deficient_input():
     torch.testing.assert_close(q.t() @ q, torch.eye(6), atol=1e-5, rtol=0)
     assert ((x - q @ (q.t() @ x)).norm() / x.norm()).item() < 1e-5
     proj = make_projector("power", 4, "left", (50, 40))
-    state = {**{"proj_refreshes": 0}, **proj.refresh({"proj_refreshes": 0}, torch.randn(50, 40))}
+    state = {"proj_refreshes": 0, **proj.refresh({"proj_refreshes": 0}, torch.randn(50, 40))}
     rank_one = torch.randn(50, 1) @ torch.randn(1, 40)  # a warm refresh on a rank-1 gradient still works
     p = proj.basis({**state, **proj.refresh(state, rank_one)}, "left")
     torch.testing.assert_close(p.t() @ p, torch.eye(4), atol=1e-5, rtol=0)

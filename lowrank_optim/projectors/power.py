@@ -7,9 +7,10 @@ refresh runs ``power_iters`` steps of block subspace iteration from it (for the 
     P = orth(Y)                      (between iterations)
 
 and ends with a Rayleigh-Ritz step, the thin SVD of Y = U_Y S V_Y^T (via Y = Q R and the SVD of the r x r R):
-P = U_Y, and Q = Z V_Y for the other side. The Ritz step orders the vectors by singular value and fixes the rotation inside the subspace, so a basis
-that has converged stays put (moments kept across the refresh keep their meaning) instead of drifting inside its
-span as plain QR iteration would. Each iteration shrinks the angle to the top-r subspace by (sigma_{r+1}/sigma_r)^2.
+P = U_Y, and Q = Z V_Y for the other side. The Ritz step orders the vectors by singular value and fixes the
+rotation inside the subspace, so a basis that has converged stays put (moments kept across the refresh keep their
+meaning) instead of drifting inside its span as plain QR iteration would. Each iteration shrinks the tangent of the
+angle to the top-r subspace by (sigma_{r+1} / sigma_r)^2.
 With ``oversample`` = p > 0 the start block is the previous basis plus p seeded Gaussian columns (r + p columns
 iterated, the top r Ritz vectors kept): directions that entered the gradient since the last refresh, which the old
 basis cannot reach, get a chance, for (r + p) / r of the cost. The first refresh, with no previous basis, is a
