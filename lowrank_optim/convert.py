@@ -207,8 +207,9 @@ def _convert_group(group: Dict, gi: int, source: str, target: Optional[Dict]) ->
                              f"(weight_decay={group['weight_decay']!r}); only torch.optim.AdamW's converts")
         out.update(inner="adam", residual="none", eps_style="torch", correct_bias=True)
     else:
+        # the reference's raw SVD signs, so the continuation equals the reference's own
         out.update(inner="adafactor" if adafactor else "adam", eps_style="galore", subspace_change="keep",
-                   projector="svd", residual="fira" if source == "fira" else "none")
+                   projector="svd", residual="fira" if source == "fira" else "none", basis_sign="none")
         if source == "fira":  # the released code's fixed limiter, no floor
             out.update(fira_gamma=1.01, fira_residual="reference", fira_floor=0.0)
     for key, value in group.items():

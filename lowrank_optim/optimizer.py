@@ -129,9 +129,16 @@ def _parts_of(group: Dict) -> List[Tuple[str, Any]]:
 
 def part_options(part) -> Tuple[Option, ...]:
     opts = getattr(part, "options", ())
-    if isinstance(opts, dict):  # {name: (default, check, doc)}
-        return tuple(Option(k, *v) for k, v in opts.items())
+    if isinstance(opts, dict):  # projectors: {name: (default, check returning a bool, doc)}
+        return tuple(Option(k, default, _bool_check(ok, doc), doc) for k, (default, ok, doc) in opts.items())
     return tuple(opts)
+
+
+def _bool_check(ok, doc: str):
+    def check(x):
+        return None if ok(x) else doc
+
+    return check
 
 
 def all_options() -> Dict[str, str]:

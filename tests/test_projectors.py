@@ -14,6 +14,7 @@ from lowrank_optim.projectors.dct import dct_fft, dct_matrix, idct_fft
 CONFIGS = {
     "svd": ("svd", {}),
     "rsvd": ("rsvd", {}),
+    "power": ("power", {}),
     "random": ("random", {}),
     "dct": ("dct", {}),
     "dct-l2-fft": ("dct", {"dct_norm": "l2", "dct_impl": "fft"}),
@@ -23,7 +24,7 @@ CONFIGS = {
 }
 SIDES = ("left", "right", "full")
 SHAPES = ((24, 40), (40, 24), (32, 32))
-SEEDED = ("rsvd", "random", "columns", "sst")
+SEEDED = ("rsvd", "power", "random", "columns", "sst")
 
 
 def make(cfg, side, shape, rank=6, seed=0, **extra):
@@ -65,7 +66,7 @@ all_shapes = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[
 
 
 def test_registry_has_every_builtin():
-    assert set(PROJECTORS) == {"blocks", "svd", "rsvd", "random", "dct", "columns", "sst"}
+    assert set(PROJECTORS) == {"blocks", "svd", "rsvd", "power", "random", "dct", "columns", "sst"}
     assert PROJECTORS["dct"].index_based and PROJECTORS["columns"].index_based
     with pytest.raises(ValueError):
         make_projector("nope", 4, "left", (8, 8))
@@ -182,7 +183,7 @@ def test_rotation_maps_coefficients(cfg, side):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", ["svd", "rsvd", "sst"])
+@pytest.mark.parametrize("cfg", ["svd", "rsvd", "power", "sst"])
 def test_nonfinite_gradient_raises_projector_error(cfg):
     grad = torch.randn(24, 40)
     grad[3, 5] = float("nan")

@@ -6,6 +6,7 @@ from typing import Dict, Type
 from .base import Projector, ProjectorError
 from .columns import ColumnsProjector
 from .dct import DCTProjector, dct_matrix
+from .power import PowerProjector
 from .random import RandomProjector
 from .rsvd import RSVDProjector
 from .sst import SSTProjector, sst_sample
@@ -13,7 +14,8 @@ from .svd import SVDProjector
 
 PROJECTORS: Dict[str, Type[Projector]] = {
     cls.name: cls
-    for cls in (SVDProjector, RSVDProjector, RandomProjector, DCTProjector, ColumnsProjector, SSTProjector)
+    for cls in (SVDProjector, RSVDProjector, PowerProjector, RandomProjector, DCTProjector, ColumnsProjector,
+                SSTProjector)
 }
 
 
@@ -31,5 +33,5 @@ def make_projector(name: str, rank: int, side: str, shape, seed: int = 0, **opti
 
 
 __all__ = ["PROJECTORS", "Projector", "ProjectorError", "make_projector", "register", "ColumnsProjector",
-           "DCTProjector", "RandomProjector", "RSVDProjector", "SSTProjector", "SVDProjector", "dct_matrix",
-           "sst_sample"]
+           "DCTProjector", "PowerProjector", "RandomProjector", "RSVDProjector", "SSTProjector", "SVDProjector",
+           "dct_matrix", "sst_sample"]

@@ -11,11 +11,27 @@ Sides, for a 2-D gradient ``G`` of shape (m, n):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 SIDES = ("left", "right", "full")
+# |<old_i, new_i>| at or above this means new vector i continues old vector i, so its sign follows the old one;
+# below it the two are unrelated (chance level is ~1/sqrt(d)) and a fixed convention decides instead.
+SIGN_ALIGN_MIN = 0.1
+
+
+def one_of(*values) -> Callable[[object], bool]:
+    """Check for an option taking one of ``values`` (exact type: True is not 1, 8.0 is not 8)."""
+    return lambda v: any(type(v) is type(x) and v == x for x in values)
+
+
+def int_at_least(low: int) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def real_in(low: float, high: float) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
 
 
 class ProjectorError(RuntimeError):
@@ -28,6 +44,9 @@ class Projector:
     name = "base"
     # True when the projector's state is r integer indices into a fixed orthonormal basis (DCT, columns).
     index_based = False
+    # Constructor options this projector reads from a param group: name -> (default, check, doc). ``check(value)``
+    # returns whether the value is valid; the constructor raises ValueError (naming key, value and doc) otherwise.
+    options: Dict[str, Tuple[object, Callable[[object], bool], str]] = {}
 
     def __init__(self, rank: int, side: str, shape: Tuple[int, int], seed: int = 0, **options):
         if side not in SIDES:
@@ -36,7 +55,14 @@ class Projector:
         self.side = side
         self.shape = (int(shape[0]), int(shape[1]))
         self.seed = int(seed)
-        self.options = options
+        self.extra_options = options  # undeclared keys are tolerated (a group's options reach every projector)
+
+    def check_option(self, key: str, value):
+        """``value`` if valid for the declared option ``key``, else ValueError naming the key, value and doc."""
+        _, ok, doc = type(self).options[key]
+        if not ok(value):
+            raise ValueError(f"{self.name} projector: invalid {key} {value!r} ({doc})")
+        return value
 
     # --- to implement -------------------------------------------------------------------------------------------
     def refresh(self, state: Dict, grad: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -60,17 +86,17 @@ class Projector:
             return None
         out = grad
         if self.side in ("left", "full"):
-            out = self.basis(state, "left").t().matmul(out)
+            out = self.basis(state, "left").to(out.dtype).t().matmul(out)
         if self.side in ("right", "full"):
-            out = out.matmul(self.basis(state, "right"))
+            out = out.matmul(self.basis(state, "right").to(out.dtype))
         return out
 
     def project_back(self, state: Dict, low: torch.Tensor) -> torch.Tensor:
         out = low
         if self.side in ("left", "full"):
-            out = self.basis(state, "left").matmul(out)
+            out = self.basis(state, "left").to(out.dtype).matmul(out)
         if self.side in ("right", "full"):
-            out = out.matmul(self.basis(state, "right").t())
+            out = out.matmul(self.basis(state, "right").to(out.dtype).t())
         return out
 
     def fused_apply(self, state: Dict, low: torch.Tensor, W: torch.Tensor, lr: float, weight_decay: float,
@@ -95,14 +121,6 @@ class Projector:
         except (KeyError, RuntimeError, IndexError):
             return False
 
-    def overlap(self, old_state: Dict, new_state: Dict) -> float:
-        """How much of the old subspace the new one keeps, in [0, 1]: mean of ||P_old^T P_new||_F^2 / r."""
-        scores = []
-        for which, _ in self.projected_dims():
-            a, b = self.basis(old_state, which).float(), self.basis(new_state, which).float()
-            scores.append(float((a.t() @ b).pow(2).sum()) / max(1, min(a.shape[1], b.shape[1])))
-        return sum(scores) / max(1, len(scores))
-
     def low_rank_shape(self) -> Tuple[int, int]:
         m, n = self.shape
         r = self.rank
@@ -115,6 +133,22 @@ class Projector:
             if self.side in (which, "full"):
                 out[which] = self.basis(new_state, which).t().matmul(self.basis(old_state, which))
         return out
+
+    def overlap(self, old_state: Dict, new_state: Dict) -> float:
+        """How much of the new subspace the old one already spans, in [0, 1]: ``||P_old^T P_new||_F^2 / r`` per
+        projected side (r the larger basis width), averaged over sides. 1 for the same subspace whatever the basis
+        inside it, 0 for orthogonal ones. Index-based projectors: the fraction of shared indices (the same value,
+        since their basis vectors are rows of one orthonormal matrix)."""
+        values = []
+        for which, _ in self.projected_dims():
+            if self.index_based:
+                old, new = self.indices(old_state, which), self.indices(new_state, which)
+                values.append(int(torch.isin(new, old).sum()) / max(old.numel(), new.numel()))
+            else:
+                old, new = self.basis(old_state, which), self.basis(new_state, which)
+                width = max(old.shape[1], new.shape[1])
+                values.append(float(old.t().matmul(new).square().sum()) / width)
+        return min(1.0, max(0.0, sum(values) / len(values)))  # clamped: quantized bases are orthonormal to ~1e-2
 
     def expected_state_bytes(self) -> int:
         """Bytes ``refresh`` stores, from the configuration alone (for the estimator before training):
@@ -168,5 +202,19 @@ def clamp_rank(rank: int, size: int) -> int:
     return max(1, min(int(rank), int(size)))
 
 
-__all__ = ["Projector", "ProjectorError", "SIDES", "check_finite", "orthonormal_columns", "clamp_rank",
-           "next_refresh_count"]
+def canonical_signs(new: torch.Tensor, old: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``new`` with each column's sign fixed: the sign of ``<old_i, new_i>`` where that overlap is at least
+    ``SIGN_ALIGN_MIN`` (the vector continues the old one, so moments kept across the refresh keep their meaning),
+    otherwise the sign that makes the column's largest-magnitude entry (first one on ties) positive. A column's
+    sign is otherwise arbitrary: a rounding-level change of the gradient can flip what the SVD returns."""
+    peak = new.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(new.gather(0, peak)).squeeze(0)
+    if old is not None and old.shape == new.shape:
+        dots = (old * new).sum(dim=0)
+        signs = torch.where(dots.abs() >= SIGN_ALIGN_MIN, torch.sign(dots), signs)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return new * signs  # exact: only sign bits change
+
+
+__all__ = ["Projector", "ProjectorError", "SIDES", "SIGN_ALIGN_MIN", "canonical_signs", "check_finite",
+           "orthonormal_columns", "clamp_rank", "next_refresh_count", "one_of", "int_at_least", "real_in"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Projector, clamp_rank, next_refresh_count
+from .base import Projector, clamp_rank, next_refresh_count, one_of
 
 
 class ColumnsProjector(Projector):
@@ -13,14 +13,14 @@ class ColumnsProjector(Projector):
 
     name = "columns"
     index_based = True
-    options = {"select": ("random", lambda x: None if x in ("random", "norm") else "valid: ['random', 'norm']",
-                          "`random` (seeded) or `norm` (the r largest rows/columns of G)")}
+    options = {
+        "select": ("random", one_of("random", "norm"),
+                   "'random' (seeded) or 'norm' (the r rows/columns of G with the largest L2 norm)"),
+    }
 
     def __init__(self, rank, side, shape, seed=0, select: str = "random", **options):
         super().__init__(rank, side, shape, seed, **options)
-        if select not in ("random", "norm"):
-            raise ValueError(f"select must be 'random' or 'norm', got {select!r}")
-        self.select = select
+        self.select = self.check_option("select", select)
 
     def refresh(self, state, grad):
         new = next_refresh_count(state)

@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import torch
 
 from .. import quant
-from .base import Projector, clamp_rank, next_refresh_count
+from .base import Projector, clamp_rank, next_refresh_count, one_of
 
 _DCT_CACHE: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 _TWIDDLE_CACHE: Dict[Tuple[int, torch.device, torch.dtype], Tuple[torch.Tensor, ...]] = {}
@@ -77,20 +77,17 @@ class DCTProjector(Projector):
     """Options: ``dct_norm`` "l1" (default) / "l2" ranks the coefficients; ``dct_impl`` "matmul" (default) / "fft"."""
 
     name = "dct"
-    options = {"dct_norm": ("l1", lambda x: None if x in ("l1", "l2") else "valid: ['l1', 'l2']",
-                            "how DCT coefficients are ranked"),
-               "dct_impl": ("matmul", lambda x: None if x in ("matmul", "fft") else "valid: ['matmul', 'fft']",
-                            "DCT by matrix multiply or by FFT (Makhoul)")}
     index_based = True
+    options = {
+        "dct_norm": ("l1", one_of("l1", "l2"), "norm ranking the DCT coefficients: 'l1' or 'l2'"),
+        "dct_impl": ("matmul", one_of("matmul", "fft"),
+                     "'matmul' (DCT matrix, gathered rows) or 'fft' (O(d log d) transform per row/column)"),
+    }
 
     def __init__(self, rank, side, shape, seed=0, dct_norm: str = "l1", dct_impl: str = "matmul", **options):
         super().__init__(rank, side, shape, seed, **options)
-        if dct_norm not in ("l1", "l2"):
-            raise ValueError(f"dct_norm must be 'l1' or 'l2', got {dct_norm!r}")
-        if dct_impl not in ("matmul", "fft"):
-            raise ValueError(f"dct_impl must be 'matmul' or 'fft', got {dct_impl!r}")
-        self.dct_norm = dct_norm
-        self.dct_impl = dct_impl
+        self.dct_norm = self.check_option("dct_norm", dct_norm)
+        self.dct_impl = self.check_option("dct_impl", dct_impl)
 
     # --- transforms along one dim: "left" acts on dim 0 (D @ G), "right" on dim 1 (G @ D^T) --------------------
     def _coefficients(self, grad, which):

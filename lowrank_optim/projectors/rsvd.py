@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ProjectorError, check_finite
+from .base import ProjectorError, check_finite, int_at_least
 from .svd import SVDProjector
 
 
@@ -41,17 +41,16 @@ class RSVDProjector(SVDProjector):
     """Same stored layout as ``svd`` (proj_left m x r, proj_right n x r); only the factorisation differs."""
 
     name = "rsvd"
-    options = {"oversample": (10, lambda x: None if isinstance(x, int) and x >= 0 else "an int >= 0",
-                              "extra random directions of the range finder"),
-               "power_iters": (2, lambda x: None if isinstance(x, int) and x >= 0 else "an int >= 0",
-                               "power iterations of the range finder")}
+    options = {
+        **SVDProjector.options,
+        "oversample": (10, int_at_least(0), "extra random directions sampled beyond the rank (an int >= 0)"),
+        "power_iters": (2, int_at_least(0), "power iterations sharpening the sampled range (an int >= 0)"),
+    }
 
     def __init__(self, rank, side, shape, seed=0, oversample: int = 10, power_iters: int = 2, **options):
         super().__init__(rank, side, shape, seed, **options)
-        if oversample < 0 or power_iters < 0:
-            raise ValueError("rsvd: oversample and power_iters must be >= 0")
-        self.oversample = int(oversample)
-        self.power_iters = int(power_iters)
+        self.oversample = self.check_option("oversample", oversample)
+        self.power_iters = self.check_option("power_iters", power_iters)
 
     def refresh(self, state, grad):
         gen = self.generator(state, grad.device)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .base import real_in
 from .svd import SVDProjector, truncated_svd
 
 
@@ -35,15 +36,15 @@ class SSTProjector(SVDProjector):
     """Stores the sampled singular vectors like ``svd`` (proj_left m x r, proj_right n x r)."""
 
     name = "sst"
-    options = {"sst_weight": (0.5, lambda x: None if isinstance(x, (int, float)) and not isinstance(x, bool)
-                              and 0 <= x <= 1 else "a number in [0, 1]",
-                              "sampling mix p_i = (1-w)/k + w sigma_i / sum(sigma)")}
+    options = {
+        **SVDProjector.options,
+        "sst_weight": (0.5, real_in(0.0, 1.0), "share of the draw probability proportional to sigma (in [0, 1]); "
+                       "the rest is uniform"),
+    }
 
     def __init__(self, rank, side, shape, seed=0, sst_weight: float = 0.5, **options):
         super().__init__(rank, side, shape, seed, **options)
-        if not 0.0 <= sst_weight <= 1.0:
-            raise ValueError(f"sst_weight must be in [0, 1], got {sst_weight}")
-        self.sst_weight = float(sst_weight)
+        self.sst_weight = float(self.check_option("sst_weight", sst_weight))
 
     def refresh(self, state, grad):
         u, s, vh = truncated_svd(grad, min(grad.shape), self.name)
