@@ -77,24 +77,25 @@ def _check_entry(opt, group: Dict, gi: int, p: torch.Tensor, saved: Dict) -> Non
     if not isinstance(saved, dict):
         raise ValueError(f"{where}: saved state is a {type(saved).__name__}, expected a dict")
     lowrank = is_lowrank(group, p)
-    for key in ("exp_avg", "exp_avg_sq"):
-        v = saved.get(key)
-        if not isinstance(v, torch.Tensor):
-            continue
-        if not lowrank and tuple(v.shape) != tuple(p.shape):
-            raise OptionError(f"{where}: saved {key} has shape {tuple(v.shape)}, the parameter's is "
-                              f"{tuple(p.shape)}")
-        if lowrank and group.get("route") == "lowrank" and v.numel() and v.dim() == 2:
-            m, n = matrix_shape(p)
-            if v.shape[0] not in (m, n) and v.shape[1] not in (m, n) and "rank" in group:
-                raise OptionError(f"{where}: saved {key} of shape {tuple(v.shape)} fits neither side of the "
-                                  f"{m} x {n} matrix")
+    expected = tuple(p.shape)
     if lowrank and group.get("route") == "lowrank":
+        proj = opt.projector_for(group, p)
+        if getattr(proj, "any_shape", False):
+            expected = None  # a block's moments are the whole parameter or nothing
+        else:
+            expected = tuple(proj.low_rank_shape())
         m, n = matrix_shape(p)
         for key, size in (("proj_left", m), ("proj_right", n)):
             v = saved.get(key)
             if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] != size:
                 raise OptionError(f"{where}: saved {key} has {v.shape[0]} rows, the matrix side has {size}")
+    elif lowrank:
+        expected = None  # the spectral route keeps its own prefixed sets
+    for key in ("exp_avg", "exp_avg_sq"):
+        v = saved.get(key)
+        if isinstance(v, torch.Tensor) and expected is not None and tuple(v.shape) != expected:
+            raise OptionError(f"{where}: saved {key} has shape {tuple(v.shape)}, this group's settings make it "
+                              f"{expected}")
 
 
 __all__ = ["check_and_load"]

@@ -208,8 +208,10 @@ def _convert_group(group: Dict, gi: int, source: str, target: Optional[Dict]) ->
         out.update(inner="adam", residual="none", eps_style="torch", correct_bias=True)
     else:
         # the reference's raw SVD signs, so the continuation equals the reference's own
-        out.update(inner="adafactor" if adafactor else "adam", eps_style="galore", subspace_change="keep",
+        out.update(inner="adafactor" if adafactor else "adam", subspace_change="keep",
                    projector="svd", residual="fira" if source == "fira" else "none", basis_sign="none")
+        if not adafactor:
+            out["eps_style"] = "galore"
         if source == "fira":  # the released code's fixed limiter, no floor
             out.update(fira_gamma=1.01, fira_residual="reference", fira_floor=0.0)
     for key, value in group.items():
@@ -258,8 +260,11 @@ def _convert_param_state(st: Dict, group: Dict, source: str, where: str, param: 
         norm = norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
         out["fira_prev_norm"] = norm.to(torch.float32).reshape(()).clone()
     if step or any(k in out for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_codes")):
-        out["step"] = step
-        out["moment_step"] = step  # neither source ever resets its moments, so the bias correction runs with step
+        if proj is None and "decay_rate" not in group:  # dense Adam: torch.optim.AdamW's own state layout
+            out["step"] = torch.tensor(float(step), dtype=torch.float32)
+        else:
+            out["step"] = step
+            out["moment_step"] = step  # neither source ever resets its moments: bias correction runs with step
     return out
 
 

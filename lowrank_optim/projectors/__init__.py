@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Type
 
 from .base import Projector, ProjectorError
+from .blocks import BlocksProjector
 from .columns import ColumnsProjector
 from .dct import DCTProjector, dct_matrix
 from .power import PowerProjector
@@ -15,7 +16,7 @@ from .svd import SVDProjector
 PROJECTORS: Dict[str, Type[Projector]] = {
     cls.name: cls
     for cls in (SVDProjector, RSVDProjector, PowerProjector, RandomProjector, DCTProjector, ColumnsProjector,
-                SSTProjector)
+                SSTProjector, BlocksProjector)
 }
 
 
@@ -32,6 +33,6 @@ def make_projector(name: str, rank: int, side: str, shape, seed: int = 0, **opti
     return cls(rank=rank, side=side, shape=shape, seed=seed, **options)
 
 
-__all__ = ["PROJECTORS", "Projector", "ProjectorError", "make_projector", "register", "ColumnsProjector",
+__all__ = ["PROJECTORS", "Projector", "ProjectorError", "make_projector", "register", "BlocksProjector", "ColumnsProjector",
            "DCTProjector", "PowerProjector", "RandomProjector", "RSVDProjector", "SSTProjector", "SVDProjector",
            "dct_matrix", "sst_sample"]
