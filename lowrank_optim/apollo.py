@@ -15,8 +15,11 @@ class APOLLOAdamW(LowRankOptimizer):
 
     method = "apollo"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, maximize=False, **kw):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, **kw)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
+                 scale_front=False, disable_nl=False, no_deprecation_warning=True, maximize=False, **kw):
+        # no_deprecation_warning: accepted for apollo-torch's signature (nothing here is deprecated)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                         scale_front=scale_front, disable_nl=disable_nl, maximize=maximize, **kw)
 
 
 class APOLLOMiniAdamW(APOLLOAdamW):

@@ -71,7 +71,8 @@ def check_and_load(opt, state_dict: Dict[str, Any]) -> None:
 
 def _check_entry(opt, group: Dict, gi: int, p: torch.Tensor, saved: Dict) -> None:
     """Shapes of the saved moments and basis against what this parameter's group would create."""
-    from .optimizer import is_lowrank, matrix_shape
+    from .parts import is_lowrank
+    from .shapes import matrix_shape
 
     where = f"param group {gi}, parameter of shape {tuple(p.shape)}"
     if not isinstance(saved, dict):

@@ -28,7 +28,8 @@ import torch
 
 from . import quant
 from .inner import DTYPES
-from .optimizer import defaults_for, matrix_shape, side_for
+from .parts import defaults_for
+from .shapes import matrix_shape, side_for
 
 SOURCES = ("galore-torch", "fira", "lowrank_optim", "torch")
 

@@ -161,7 +161,8 @@ class Adam:
         return 2 * Moment.expected_bytes(math.prod(shape), group, compute) + 4  # + the fp32 step counter
 
     def step(self, states: List[Dict], grads: List[torch.Tensor], group: Dict, keep: torch.Tensor, eps_style: str,
-             counter: str = "moment_step", col_norm_dim: Optional[int] = None, params=None) -> List[Direction]:
+             counter: str = "moment_step", col_norm_dims: Optional[List[Optional[int]]] = None,
+             params=None) -> List[Direction]:
         """One Adam update of every state in ``states`` (one group, one device), gated by ``keep``."""
         if not states:
             return []
@@ -209,10 +210,11 @@ class Adam:
             # 8-bit: the update rewrites the codes in place; a skipped step restores them from a copy of the codes
             e = float(eps_list[i]) if eps_style == "torch" else eps
             saved = [st[k].clone() for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")]
+            dim = col_norm_dims[i] if col_norm_dims else None  # the 8-bit update can return per-channel norms
             res = quant.adam8bit_step(clean[i].float(), st["exp_avg_codes"], st["exp_avg_absmax"],
                                       st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], beta1, beta2, e,
-                                      col_norm_dim=col_norm_dim)
-            d, norms = res if col_norm_dim is not None else (res, None)
+                                      col_norm_dim=dim)
+            d, norms = res if dim is not None else (res, None)
             for k, old in zip(("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"), saved):
                 st[k].copy_(torch.where(keep.bool(), st[k], old))
             out[i] = Direction(d, steps[i].float(), group["lr"], factors[i].float(), norms)
@@ -298,9 +300,11 @@ class Adafactor:
         return lr
 
     def step(self, states: List[Dict], grads: List[torch.Tensor], group: Dict, keep: torch.Tensor, eps_style: str,
-             counter: str = "moment_step", col_norm_dim: Optional[int] = None, params=None) -> List[Direction]:
+             counter: str = "moment_step", col_norm_dims: Optional[List[Optional[int]]] = None,
+             params=None) -> List[Direction]:
         # needs_host: the engine reads the non-finite flag before calling, so ``keep`` is 1 here
-        return [self._one(st, g, group, p, col_norm_dim) for st, g, p in zip(states, grads, params)]
+        dims = col_norm_dims or [None] * len(states)
+        return [self._one(st, g, group, p, dim) for st, g, p, dim in zip(states, grads, params, dims)]
 
     def _one(self, state: Dict, grad: torch.Tensor, group: Dict, param: torch.Tensor, col_norm_dim) -> Direction:
         if not ("exp_avg_sq_row" in state or Moment.exists(state, "exp_avg_sq")):

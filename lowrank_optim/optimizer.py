@@ -27,287 +27,18 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import options as O
-from .inner import DTYPES, INNER_RULES, Direction, gated, where_keep
-from .options import Option, OptionError
-from .projectors import PROJECTORS, Projector, ProjectorError, make_projector
-from .residual import RESIDUAL_RULES, norm_dim
+from .inner import INNER_RULES, Direction
+from .options import OptionError
+from .parts import (ABSENT, ENGINE_OPTIONS, PROJ_TYPES, ROUTES, _parts_of, all_options, defaults_for,
+                    is_lowrank, part_options, register_route, selected_options)
+from .projectors import PROJECTORS, Projector, make_projector
+from .residual import RESIDUAL_RULES
+from .route import LowRankRoute, _compute_dtype, _default_refresh_due, _grad, _Item, apply_update
+from .shapes import density_rank, matrix_shape, projected_dim, side_for
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SUBSPACE_CHANGES = ("keep", "reset", "rotate")
 NONFINITE_POLICIES = ("skip", "raise")
-ABSENT = object()  # an option that is not filled into groups unless given (its presence means something)
 # |g| at or above this overflows g * g in fp32: such a gradient would write inf into Adam's second moment.
 OVERFLOW = math.sqrt(torch.finfo(torch.float32).max)
-
-
-def _lr_check(x):
-    return O.number(0.0, none_ok=True)(x)
-
-
-ENGINE_OPTIONS: Tuple[Option, ...] = (
-    Option("lr", 1e-3, _lr_check, "learning rate (a float or a 0-dim tensor)"),
-    Option("weight_decay", 0.0, O.number(0.0), "decoupled weight decay, applied before the update (torch order)"),
-    Option("maximize", False, O.boolean, "maximize the objective"),
-    Option("rank", ABSENT, O.integer(1), "subspace size r; marks the group low-rank"),
-    Option("density", ABSENT, O.number(0.0, 1.0), "subspace size as a fraction of the projected side "
-           "(r = round(density * dim)); marks the group low-rank"),
-    Option("update_proj_gap", 200, O.integer(1), "steps between basis refreshes"),
-    Option("scale", 0.25, O.number(0.0, lo_open=True), "multiplies the projected-back update (GaLore's alpha)"),
-    Option("proj_type", "std", O.choice(*PROJ_TYPES), "`std`: project the smaller side (right for m >= n); "
-           "`reverse_std`, `left`, `right`, `full` (both sides)"),
-    Option("projector", "svd", lambda x: None if x in PROJECTORS else f"valid: {sorted(PROJECTORS)}",
-           "the basis: " + ", ".join(f"`{k}`" for k in ("svd", "rsvd", "random", "dct", "columns", "sst"))),
-    Option("seed", 0, O.integer(), "seeds random projectors with the parameter's index: every rank and resume agree"),
-    Option("subspace_change", "keep", O.choice(*SUBSPACE_CHANGES),
-           "moments at a new basis: `keep`, `reset`, or `rotate` into the new basis"),
-    Option("inner", "adam", lambda x: None if x in INNER_RULES else f"valid: {sorted(INNER_RULES)}",
-           "the moment rule: `adam` or `adafactor`"),
-    Option("residual", "none", lambda x: None if x in RESIDUAL_RULES else f"valid: {sorted(RESIDUAL_RULES)}",
-           "the rule for the gradient outside the subspace: `none`, `fira`, `frugal`, `apollo`"),
-    Option("route", "lowrank", lambda x: None if x in ROUTES else f"valid: {sorted(ROUTES)}",
-           "how a targeted matrix is trained: `lowrank` (project, step, project back) or `spectral` (SST)"),
-    Option("adaptive_gap", False, O.boolean, "double a parameter's refresh gap (up to `max_proj_gap`) each time "
-           "its new basis overlaps the previous one by at least `gap_overlap` (Q-GaLore's rule)"),
-    Option("gap_overlap", 0.4, O.number(0.0, 1.0), "basis overlap (1 = the same subspace) that doubles the gap"),
-    Option("max_proj_gap", 2000, O.integer(1), "cap of the adaptive gap"),
-    Option("state_bits", 32, O.choice(32, 8), "`8`: blockwise 8-bit moments"),
-    Option("state_dtype", "float32", O.choice(*[k for k in DTYPES if k != "float64"]),
-           "moment dtype when not 8-bit (fp64 parameters keep fp64 moments)"),
-    Option("min_8bit_size", 4096, O.integer(1), "with 8-bit states, smaller tensors stay fp32"),
-    Option("fused", None, O.choice(None, True, False), "dense Adam through torch's fused AdamW kernel "
-           "(None: where torch has one for the device and dtype)"),
-    Option("foreach", None, O.choice(None, True, False), "accepted for torch.optim.AdamW compatibility: the "
-           "non-fused path is always multi-tensor"),
-)
-
-ROUTES: Dict[str, Any] = {}
-
-
-def register_route(route):
-    """Add a route part (see ``LowRankRoute``): how the targeted matrices of a group are trained."""
-    ROUTES[route.name] = route
-    return route
-
-
-# ---------------------------------------------------------------------------------------------------- shapes
-def side_for(shape: Tuple[int, int], proj_type: str) -> str:
-    """Which side to project, from the WEIGHT's shape (never from a projected tensor's shape)."""
-    m, n = shape
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
-
-
-def matrix_shape(p: torch.Tensor) -> Tuple[int, int]:
-    """Weights with more than two dims (conv) are treated as (out, prod(rest)); vectors as (1, n)."""
-    return (p.shape[0], p.numel() // max(p.shape[0], 1)) if p.dim() >= 2 else (1, p.numel())
-
-
-def projected_dim(group: Dict, shape: Tuple[int, int]) -> int:
-    """Size of the side the subspace is chosen in (density is a fraction of it)."""
-    side = side_for(shape, group["proj_type"])
-    return {"left": shape[0], "right": shape[1]}.get(side, min(shape))
-
-
-def density_rank(density: float, dim: int) -> int:
-    """r = round(density * dim), at least 1 unless density is exactly 0 (then nothing is in the subspace)."""
-    r = round(density * dim)
-    return max(1, r) if density > 0 else 0
-
-
-def is_lowrank(group: Dict, p: torch.Tensor) -> bool:
-    """Whether ``p`` takes its group's route (else the inner rule on the full gradient)."""
-    return ROUTES[group.get("route", "lowrank")].is_lowrank(group, p)
-
-
-def _parts_of(group: Dict) -> List[Tuple[str, Any]]:
-    return [("inner", INNER_RULES.get(group.get("inner"))), ("residual", RESIDUAL_RULES.get(group.get("residual"))),
-            ("route", ROUTES.get(group.get("route"))), ("projector", PROJECTORS.get(group.get("projector")))]
-
-
-def part_options(part) -> Tuple[Option, ...]:
-    opts = getattr(part, "options", ())
-    if isinstance(opts, dict):  # projectors: {name: (default, check returning a bool, doc)}
-        return tuple(Option(k, default, _bool_check(ok, doc), doc) for k, (default, ok, doc) in opts.items())
-    return tuple(opts)
-
-
-def _bool_check(ok, doc: str):
-    def check(x):
-        return None if ok(x) else doc
-
-    return check
-
-
-def all_options() -> Dict[str, str]:
-    """Every declared option -> which part owns it (the first that declares it)."""
-    known = {o.name: "the engine" for o in ENGINE_OPTIONS}
-    for kind, table in (("inner", INNER_RULES), ("residual", RESIDUAL_RULES), ("route", ROUTES),
-                        ("projector", PROJECTORS)):
-        for name, part in table.items():
-            for o in part_options(part):
-                known.setdefault(o.name, f"{kind} {name!r}")
-    return known
-
-
-def selected_options(group: Dict) -> List[Option]:
-    out = list(ENGINE_OPTIONS)
-    for _, part in _parts_of(group):
-        if part is not None:
-            out.extend(part_options(part))
-    return out
-
-
-def defaults_for(parts: Dict[str, Any]) -> Dict[str, Any]:
-    """Engine defaults plus the defaults of the parts ``parts`` selects (values given in ``parts`` win)."""
-    merged = {o.name: o.default for o in ENGINE_OPTIONS if o.default is not ABSENT}
-    merged.update({k: v for k, v in parts.items() if k in ("inner", "residual", "route", "projector")})
-    for _, part in _parts_of(merged):
-        if part is not None:
-            for o in part_options(part):
-                merged.setdefault(o.name, o.default)
-    return merged
-
-
-# ---------------------------------------------------------------------------------------------------- routes
-class LowRankRoute:
-    """Project, step the inner rule in the subspace, project back, add the residual rule's term."""
-
-    kind, name, options = "route", "lowrank", ()
-
-    def rank_for(self, group: Dict, p: torch.Tensor) -> int:
-        shape = matrix_shape(p)
-        if "density" in group:
-            return density_rank(group["density"], projected_dim(group, shape))
-        return group["rank"]
-
-    def is_lowrank(self, group: Dict, p: torch.Tensor) -> bool:
-        if "rank" not in group and "density" not in group:
-            return False
-        cls = PROJECTORS.get(group.get("projector"))
-        if getattr(cls, "any_shape", False):
-            return True
-        if p.dim() < 2:
-            return False
-        r = self.rank_for(group, p)
-        if "density" in group:
-            return r < projected_dim(group, matrix_shape(p))
-        return min(matrix_shape(p)) > r
-
-    def refresh_due(self, opt: "LowRankOptimizer", it: "_Item") -> bool:
-        opt.projector_for(it.group, it.p)  # notices a change of the group's subspace settings
-        return id(it.p) in opt._stale or _default_refresh_due(it)
-
-    def prepare(self, opt: "LowRankOptimizer", items: List["_Item"]) -> None:
-        """Compute every due basis (without committing it) and every projected gradient. Mutates no state."""
-        for it in items:
-            it.proj = opt.projector_for(it.group, it.p)
-            it.G = _grad(it.p, it.group, matrix=True)
-            if it.proj.rank == 0:  # an empty subspace has no basis: all of G is residual
-                continue
-            if self.refresh_due(opt, it):
-                it.refresh = _try_refresh(it)
-            basis = {**it.state, **it.refresh} if it.refresh else it.state
-            it.R = it.proj.project(basis, it.G)
-
-    def commit_refresh(self, opt: "LowRankOptimizer", items: List["_Item"]) -> None:
-        for it in items:
-            if it.refresh is None:
-                continue
-            state, group = it.state, it.group
-            old = {k: v for k, v in state.items() if k.startswith("proj_")}
-            stale = id(it.p) in opt._stale
-            opt._stale.discard(id(it.p))
-            if stale:  # a basis of other settings: neither it nor its moments carry over
-                for k in old:
-                    if k != "proj_refreshes":
-                        state.pop(k)
-            state.update(it.refresh)
-            state["proj_step"] = state.get("step", 0)
-            inner = INNER_RULES[group["inner"]]
-            if stale:
-                inner.reset(state)
-            elif old.get("proj_refreshes", 0):
-                if group["adaptive_gap"]:
-                    gap = state.get("proj_gap", group["update_proj_gap"])
-                    if it.proj.overlap(old, state) >= group["gap_overlap"]:
-                        gap = min(2 * gap, group["max_proj_gap"])
-                    state["proj_gap"] = gap
-                policy = group["subspace_change"]
-                if policy == "reset":
-                    inner.reset(state)
-                elif policy == "rotate":
-                    inner.rotate(state, it.proj.rotation(old, state))
-
-    def update(self, opt: "LowRankOptimizer", items: List["_Item"], keep_on) -> None:
-        buckets: Dict[tuple, List[_Item]] = {}
-        for it in items:
-            if it.R is None:  # an empty subspace: no moments, the whole gradient is residual
-                INNER_RULES[it.group["inner"]].reset(it.state)
-                continue
-            style = it.group.get("eps_style") or ("torch" if it.proj.covers(it.state) else "galore")
-            buckets.setdefault((it.gi, it.R.device, it.R.dtype, style), []).append(it)
-        for (gi, dev, _, style), its in buckets.items():
-            group = its[0].group
-            rule = RESIDUAL_RULES[group["residual"]]
-            col_dim = norm_dim(its[0].proj.side) if getattr(rule, "uses_channel_norms", False) else None
-            dirs = INNER_RULES[group["inner"]].step([it.state for it in its], [it.R for it in its], group,
-                                                    keep_on(dev), eps_style=style, col_norm_dim=col_dim,
-                                                    params=[it.p for it in its])
-            for it, d in zip(its, dirs):
-                it.d = d
-        for it in items:
-            self._apply(it, keep_on(it.p.device))
-            it.state["step"] = it.state.get("step", 0) + 1
-
-    @staticmethod
-    def _apply(it: "_Item", keep: torch.Tensor) -> None:
-        group, state, proj, d = it.group, it.state, it.proj, it.d
-        rule = RESIDUAL_RULES[group["residual"]]
-        extra = rule(it.G, it.R, d, proj, state, group, keep)
-        if extra is not None and rule.joins != "separate":
-            extra = where_keep(keep, extra)  # a skipped step's residual may hold NaN: it must add nothing
-        if d is None:
-            U, step, lr = None, None, group["lr"]
-        else:
-            step, lr = d.step, d.decay_lr
-            if rule.joins == "replace":
-                U, extra = extra, None
-            else:
-                U = proj.project_back(state, d.direction)
-                if group["scale"] != 1.0:
-                    U.mul_(group["scale"])  # scaled before the step, in this order, as galore-torch / fira do
-                if rule.joins == "update":
-                    U.add_(extra)
-                    extra = None
-        apply_update(it.p, group, U, step, lr, keep, extra=extra)
-
-    def expected_bytes(self, opt: "LowRankOptimizer", group: Dict, p: torch.Tensor) -> int:
-        proj = opt.projector_for(group, p)
-        inner = INNER_RULES[group["inner"]]
-        low = proj.low_rank_shape() if proj.rank > 0 else None
-        moments = inner.expected_bytes(low, group, _compute_dtype(p)) if low and math.prod(low) else 0
-        return proj.expected_state_bytes() + moments + RESIDUAL_RULES[group["residual"]].expected_bytes(group)
-
-
-register_route(LowRankRoute())
-
-
-def _compute_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-class _Item:
-    """One parameter in this step: where it is, what it takes, and the tensors computed for it."""
-
-    __slots__ = ("gi", "group", "p", "state", "lowrank", "proj", "G", "R", "refresh", "d")
-
-    def __init__(self, gi, group, p, state, lowrank):
-        self.gi, self.group, self.p, self.state, self.lowrank = gi, group, p, state, lowrank
-        self.proj = self.G = self.R = self.refresh = self.d = None
-
 
 # ---------------------------------------------------------------------------------------------------- engine
 class LowRankOptimizer(torch.optim.Optimizer):
@@ -332,9 +63,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         from .registry import apply_key_aliases
 
         preset = method_defaults(self.method) if self.method else {}
-        defaults = {**preset, **apply_key_aliases(self.method, defaults, "optimizer defaults")}
-        merged = defaults_for(defaults)
-        defaults = self._check_constructor_keys(defaults, merged)
+        given = apply_key_aliases(self.method, defaults, "optimizer defaults")
+        merged = defaults_for({**preset, **given})
+        selected = {o.name for o in selected_options(merged)}
+        # the method's own defaults for parts the user swapped out (random_style under projector="svd") drop out
+        user = self._check_constructor_keys(given, merged)
+        defaults = {**{k: v for k, v in preset.items() if k in selected}, **user}
         merged.update(defaults)
         self.nonfinite = nonfinite
         self._projectors: Dict[int, Tuple[tuple, Projector]] = {}
@@ -342,7 +76,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._validated: Dict[int, tuple] = {}
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (found, host copy) not yet read
         self._skipped = 0
+        self._host_step = True
+        self._given = frozenset(user)  # options the caller set (not the method's or the parts' defaults)
         super().__init__(params, merged)
+        declared = {o.name: o.default for o in selected_options(merged)}
+        for k in user:  # an option set (away from its default) for a part that no group selects
+            if user[k] == declared.get(k, ABSENT):
+                continue
+            if not any(k in {o.name for o in selected_options(g)} for g in self.param_groups):
+                raise OptionError(f"unknown optimizer options: [{k!r}]: {k!r} belongs to {all_options()[k]}, which "
+                                  "no param group uses")
 
     @staticmethod
     def _check_constructor_keys(given: Dict, merged: Dict) -> Dict:
@@ -357,7 +100,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     declared.setdefault(o.name, []).append(o.default)
         given = {k: v for k, v in given.items()
                  if k in selected or not any(v is d or (type(v) is type(d) and v == d) for d in declared.get(k, []))}
-        bad = [k for k in given if k not in selected]
+        # an option of another part may serve groups that select that part: checked once the groups are in
+        bad = [k for k in given if k not in selected and k not in declared]
         if bad:
             hints = []
             for k in bad:
@@ -372,13 +116,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ copies
     def __getstate__(self):
         out = super().__getstate__()
-        out.update(nonfinite=self.nonfinite, _skipped=self.skipped_steps, method=self.method)
+        out.update(nonfinite=self.nonfinite, _skipped=self.skipped_steps, method=self.method, _given=self._given)
         return out
 
     def __setstate__(self, state):
         state = dict(state)
         self.nonfinite = state.pop("nonfinite", getattr(self, "nonfinite", "skip"))
         self._skipped = state.pop("_skipped", getattr(self, "_skipped", 0))
+        self._given = state.pop("_given", getattr(self, "_given", frozenset()))
         state.pop("method", None)
         super().__setstate__(state)
         self._projectors, self._validated, self._pending, self._stale = {}, {}, [], set()
@@ -408,8 +153,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                  f"parameter of shape {tuple(p.shape)})")
         for kind, part in _parts_of(param_group):  # a part this group selects instead of the defaults' one
             if part is not None and param_group.get(kind) != self.defaults.get(kind):
-                for o in part_options(part):
-                    param_group.setdefault(o.name, o.default)
+                for o in part_options(part):  # its defaults, unless the constructor was given the option
+                    param_group.setdefault(o.name, self.defaults[o.name] if o.name in self._given else o.default)
         filled = defaults_for({k: param_group.get(k, self.defaults.get(k)) for k in
                                ("inner", "residual", "route", "projector")})
         filled.update(self.defaults)
@@ -577,7 +322,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             else _default_refresh_due(it)
 
     def _run(self, items: List[_Item]) -> None:
-        host = self._host_reads(items)
+        host = self._host_step = self._host_reads(items)
         found = _grad_flag([it.p.grad for it in items])
         if host and self._skip_on_host(found, items, stage="gradient"):
             return
@@ -663,31 +408,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _default_refresh_due(it: _Item) -> bool:
-    """At steps 0, T, 2T, ... of the parameter's own clock; with an adaptive gap, T steps after the last refresh."""
-    state = it.state
-    if int(state.get("proj_refreshes", 0)) == 0:
-        return True
-    step = state.get("step", 0)
-    if it.group["adaptive_gap"] and "proj_gap" in state:
-        return step - state.get("proj_step", 0) >= state["proj_gap"]
-    return step % it.group["update_proj_gap"] == 0
-
-
-def _try_refresh(it: _Item) -> Optional[Dict[str, Any]]:
-    """New basis entries, or None to keep the previous basis after a failed refresh (a failed first one raises)."""
-    has_basis = int(it.state.get("proj_refreshes", 0)) > 0
-    try:
-        return it.proj.refresh(it.state, it.G)
-    except ProjectorError as err:
-        if has_basis:  # keep the previous basis: training continues in the last good subspace
-            warnings.warn(f"param group {it.gi}: basis refresh failed for a parameter of shape "
-                          f"{tuple(it.p.shape)} ({err}); keeping the previous basis")
-            return None
-        raise RuntimeError(f"param group {it.gi}: the first basis of a parameter of shape {tuple(it.p.shape)} "
-                           f"could not be computed ({err}); no parameter was updated") from err
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -718,18 +438,6 @@ def _by_device(items: List[_Item]) -> Dict[torch.device, List[_Item]]:
     for it in items:
         out.setdefault(it.p.device, []).append(it)
     return out
-
-
-def _grad(p: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
-    """The gradient in the compute dtype (as a matrix for low-rank parameters). Read-only: for fp32 parameters it
-    is ``.grad`` itself, so no rule may modify it in place."""
-    g = p.grad
-    if matrix:
-        g = g.reshape(matrix_shape(p))
-    want = _compute_dtype(p)
-    if g.dtype != want:
-        g = g.to(want)
-    return -g if group["maximize"] else g
 
 
 def _fusable(group: Dict, p: torch.Tensor) -> bool:
@@ -773,41 +481,6 @@ def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
                                 beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                                 maximize=group["maximize"], grad_scale=None, found_inf=f)
             torch._foreach_sub_(steps, [f] * len(steps))
-
-
-def apply_update(p: torch.Tensor, group: Dict, update: torch.Tensor, step: torch.Tensor, lr, keep: torch.Tensor,
-                 extra: Optional[torch.Tensor] = None, extra_scale: float = 1.0) -> None:
-    """W <- W (1 - lr wd) - step * update - lr * extra_scale * extra, in the compute dtype, rounded once to p's
-    dtype, and nothing at all when ``keep`` is 0 (``update`` must then be finite; ``extra`` may hold anything)."""
-    target = p if p.dtype in (torch.float32, torch.float64) else p.float()
-    shape = (update if update is not None else extra).shape
-    contiguous = target.is_contiguous()  # else (channels_last) work on a row-major copy and write it back
-    flat = target.view(shape) if contiguous else target.reshape(shape)
-    if group["weight_decay"]:
-        decay = 1 - _as_float(lr) * group["weight_decay"] if not isinstance(lr, torch.Tensor) else \
-            (1 - lr.detach().double() * group["weight_decay"])
-        flat.mul_(gated(keep, decay, flat.dtype) if not isinstance(decay, torch.Tensor) else
-                  torch.where(keep.bool(), decay.to(keep.device, flat.dtype), torch.ones((), dtype=flat.dtype,
-                                                                                       device=keep.device)))
-    if update is not None:
-        flat.addcmul_(update, -step.to(flat.dtype) * keep.to(flat.dtype))
-    if extra is not None:
-        scale = (-(_lr64(lr, keep.device) * extra_scale)).to(flat.dtype) * keep.to(flat.dtype)
-        flat.addcmul_(where_keep(keep, extra), scale)
-    if not contiguous:
-        target.copy_(flat.view(target.shape))
-    if target is not p:
-        p.copy_(target)
-
-
-def _as_float(x) -> float:
-    return float(x)
-
-
-def _lr64(lr, device) -> torch.Tensor:
-    if isinstance(lr, torch.Tensor):
-        return lr.detach().to(device=device, dtype=torch.float64)
-    return torch.tensor(float(lr), dtype=torch.float64, device=device)
 
 
 __all__ = ["LowRankOptimizer", "LowRankRoute", "ENGINE_OPTIONS", "ROUTES", "register_route", "PROJ_TYPES",

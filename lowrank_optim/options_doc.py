@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .inner import INNER_RULES
-from .optimizer import ABSENT, ENGINE_OPTIONS, ROUTES, part_options
+from .parts import ABSENT, ENGINE_OPTIONS, ROUTES, part_options
 from .projectors import PROJECTORS
 from .residual import RESIDUAL_RULES
 from . import frugal, sst  # noqa: F401  (register the blocks projector and the spectral route)

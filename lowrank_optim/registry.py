@@ -41,14 +41,17 @@ def _rotate(flag):
     return "rotate" if flag else "keep"
 
 
+# eps_style="galore" for the drop-ins of galore-torch, fira and apollo-torch: their dense groups place Adam's eps
+# before bias correction (HF AdamW), and that placement is what their published perplexities were measured with
+# (README, "Defaults from evidence"); a user who changes only the import gets their runs, bit for bit.
 # Recipes: lr, scale, rank (a fraction of the hidden size when given as "d/4") or density, update gap, warmup
 # fraction, each from the paper's LLaMA C4 pretraining setup.
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("adamw", "lowrank_optim.optimizer:LowRankOptimizer", dict(inner="adam"), dict(eps=1e-8),
            aliases=("adam",), recipe=dict(lr=1e-3, warmup=0.1), doc="AdamW on every parameter (our engine)"),
     Method("galore", "lowrank_optim.galore:GaLoreAdamW",
-           dict(projector="svd", inner="adam", residual="none", subspace_change="keep"), dict(eps=1e-6),
-           aliases=("galore_adamw", "galoreadamw"),
+           dict(projector="svd", inner="adam", residual="none", subspace_change="keep"),
+           dict(eps=1e-6, eps_style="galore"), aliases=("galore_adamw", "galoreadamw"),
            recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
            doc="GaLore (Zhao et al., ICML 2024): Adam in the top-r SVD subspace of the gradient"),
     Method("galore8bit", "lowrank_optim.galore:GaLoreAdamW8bit",
@@ -63,7 +66,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
                                                        warmup=0.1),
            doc="GaLore with Adafactor (factored second moment)"),
     Method("fira", "lowrank_optim.fira:FiraAdamW",
-           dict(projector="svd", inner="adam", residual="fira", subspace_change="keep"), dict(eps=1e-6),
+           dict(projector="svd", inner="adam", residual="fira", subspace_change="keep"),
+           dict(eps=1e-6, eps_style="galore"),
            aliases=("fira_adamw", "firaadamw"), key_aliases={"alpha": ("scale", _same)},
            recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
            doc="Fira (Chen et al., 2024): GaLore plus the norm-scaled, growth-limited residual"),
@@ -85,13 +89,15 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            doc="Sparse Spectral Training (Zhao et al., 2024): Adam on W's singular values and sampled vectors"),
     Method("apollo", "lowrank_optim.apollo:APOLLOAdamW",
            dict(projector="random", inner="adam", residual="apollo", subspace_change="keep"),
-           dict(eps=1e-6, scale=1.0, scale_type="channel"), aliases=("apollo_adamw", "apolloadamw"),
+           dict(eps=1e-6, eps_style="galore", scale=1.0, scale_type="channel", random_style="apollo"),
+           aliases=("apollo_adamw", "apolloadamw"),
            key_aliases={"proj": ("projector", _same)},
            recipe=dict(lr=1e-2, scale=1.0, rank="d/4", update_proj_gap=200, warmup=0.1),
            doc="APOLLO (Zhu et al., MLSys 2025): Adam on a random projection scales the full gradient per channel"),
     Method("apollo_mini", "lowrank_optim.apollo:APOLLOMiniAdamW",
            dict(projector="random", inner="adam", residual="apollo", subspace_change="keep"),
-           dict(eps=1e-6, scale=128.0, scale_type="tensor"), aliases=("apollomini", "apollo-mini"),
+           dict(eps=1e-6, eps_style="galore", scale=128.0, scale_type="tensor", random_style="apollo"),
+           aliases=("apollomini", "apollo-mini"),
            key_aliases={"proj": ("projector", _same)},
            recipe=dict(lr=1e-2, scale=128.0, rank=1, update_proj_gap=200, warmup=0.1),
            doc="APOLLO-Mini: rank 1, one scaling factor per tensor"),

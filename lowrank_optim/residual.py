@@ -11,12 +11,13 @@ the update is declared by the rule:
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
 
 from .inner import Direction, where_keep
-from .options import Option, choice, number
+from .options import Option, boolean, choice, number
 from .projectors import Projector
 
 
@@ -71,6 +72,7 @@ class FiraResidual:
     gradient, then the norm-growth limiter."""
 
     kind, name, joins = "residual", "fira", "update"
+    uses_channel_norms = True  # the 8-bit kernel can return the direction's per-channel norms with the update
     options = (
         Option("fira_gamma", 1.01, number(1.0), "Fira's limiter: the residual's norm grows at most this factor a step"),
         Option("fira_residual", "reference", choice("reference", "paper"),
@@ -120,16 +122,18 @@ class FrugalResidual:
 
 class ApolloResidual:
     """APOLLO: the Adam moments of the projected gradient only measure how much Adam would scale each channel; the
-    whole gradient is scaled by that ratio (``channel``, per row/column) or by one number (``tensor``), limited in
-    norm growth like Fira, and replaces the projected-back update."""
+    whole gradient is scaled by that ratio (``channel``: per row or column, along the weight's longer side;
+    ``tensor``: one number), limited in norm growth like Fira, times sqrt(scale), and replaces the projected-back
+    update (apollo-torch's order of operations, so its runs are reproduced to the bit)."""
 
     kind, name, joins = "residual", "apollo", "replace"
+    uses_channel_norms = True
     options = (
         Option("scale_type", "channel", choice("channel", "tensor"),
                "APOLLO's scaling: per channel, or one factor for the tensor (APOLLO-Mini)"),
-        Option("scale_front", False, choice(False, True),
-               "apply sqrt(scale) to the gradient before the limiter (apollo-torch's scale_front)"),
-        Option("apollo_gamma", 1.01, number(1.0), "norm-growth limiter of the scaled gradient"),
+        Option("scale_front", False, boolean, "multiply by sqrt(scale) before the limiter (apollo-torch's "
+               "scale_front) instead of after it"),
+        Option("disable_nl", False, boolean, "turn off the norm-growth limiter (apollo-torch's disable_nl)"),
     )
 
     def __call__(self, G, R, d, proj, state, group, keep):
@@ -138,15 +142,17 @@ class ApolloResidual:
         else:
             phi = channel_ratio(d, R, proj.side)
         S = G * phi
+        root = math.sqrt(group["scale"])
         if group["scale_front"]:
-            S.mul_(group["scale"] ** 0.5)
-        limit_growth(S, state, "apollo_prev_norm", group["apollo_gamma"], 0.0, keep)
+            S.mul_(root)
+        if not group["disable_nl"]:
+            limit_growth(S, state, "apollo_prev_norm", 1.01, 0.0, keep)
         if not group["scale_front"]:
-            S.mul_(group["scale"] ** 0.5)
+            S.mul_(root)
         return S
 
     def expected_bytes(self, group) -> int:
-        return 4
+        return 0 if group["disable_nl"] else 4
 
 
 RESIDUAL_RULES = {r.name: r for r in (NoResidual(), FiraResidual(), FrugalResidual(), ApolloResidual())}

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .inner import DTYPES, INNER_RULES, Direction
-from .optimizer import LowRankOptimizer, _grad, matrix_shape, register_route
+from .optimizer import LowRankOptimizer
+from .parts import register_route
+from .route import _grad
+from .shapes import matrix_shape
 from .options import Option, choice, integer
 from .projectors import ProjectorError, sst_sample
 from .projectors.svd import truncated_svd

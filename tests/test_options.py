@@ -22,7 +22,8 @@ BAD = {  # a wrong value per declared option (by the kind of check it declares)
     "apollo_gamma": 0.0, "oversample": -1, "power_iters": -1, "dct_norm": "l3", "dct_impl": "dft",
     "select": "best", "sst_weight": 2.0, "block_order": "sideways", "sst_round": 0, "factor_dtype": "int8",
     "clip_threshold": 0.0, "decay_rate": 0.5, "beta1": 1.0, "scale_parameter": "yes", "relative_step": 1,
-    "warmup_init": "no", "adaptive_gap": "yes", "gap_overlap": 1.5, "max_proj_gap": 0,
+    "warmup_init": "no", "adaptive_gap": "yes", "gap_overlap": 1.5, "max_proj_gap": 0, "basis_bits": 16,
+    "basis_sign": "raw", "disable_nl": "no", "random_style": "gauss",
 }
 
 # the parts a group must select for an option to be in play

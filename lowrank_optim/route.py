@@ -1,0 +1,257 @@
+"""The ``lowrank`` route: project, step the inner rule in the subspace, project back, add the residual rule's term,
+apply with decoupled decay, every update gated by the step's device-side flag (see ``optimizer.py``)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .inner import INNER_RULES, Direction, gated, where_keep
+from .parts import register_route
+from .projectors import PROJECTORS, ProjectorError
+from .residual import RESIDUAL_RULES, norm_dim
+from .shapes import density_rank, matrix_shape, projected_dim
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class _Item:
+    """One parameter in this step: where it is, what it takes, and the tensors computed for it."""
+
+    __slots__ = ("gi", "group", "p", "state", "lowrank", "proj", "G", "R", "refresh", "d")
+
+    def __init__(self, gi, group, p, state, lowrank):
+        self.gi, self.group, self.p, self.state, self.lowrank = gi, group, p, state, lowrank
+        self.proj = self.G = self.R = self.refresh = self.d = None
+
+
+
+# ---------------------------------------------------------------------------------------------------- routes
+class LowRankRoute:
+    """Project, step the inner rule in the subspace, project back, add the residual rule's term."""
+
+    kind, name, options = "route", "lowrank", ()
+
+    def rank_for(self, group: Dict, p: torch.Tensor) -> int:
+        shape = matrix_shape(p)
+        if "density" in group:
+            return density_rank(group["density"], projected_dim(group, shape))
+        return group["rank"]
+
+    def is_lowrank(self, group: Dict, p: torch.Tensor) -> bool:
+        if "rank" not in group and "density" not in group:
+            return False
+        cls = PROJECTORS.get(group.get("projector"))
+        if getattr(cls, "any_shape", False):
+            return True
+        if p.dim() < 2:
+            return False
+        r = self.rank_for(group, p)
+        if "density" in group:
+            return r < projected_dim(group, matrix_shape(p))
+        return min(matrix_shape(p)) > r
+
+    def refresh_due(self, opt, it: "_Item") -> bool:
+        opt.projector_for(it.group, it.p)  # notices a change of the group's subspace settings
+        return id(it.p) in opt._stale or _default_refresh_due(it)
+
+    def prepare(self, opt, items: List["_Item"]) -> None:
+        """Compute every due basis (without committing it) and every projected gradient. Mutates no state."""
+        for it in items:
+            it.proj = opt.projector_for(it.group, it.p)
+            it.G = _grad(it.p, it.group, matrix=True)
+            if it.proj.rank == 0:  # an empty subspace has no basis: all of G is residual
+                continue
+            if self.refresh_due(opt, it):
+                it.refresh = _try_refresh(it)
+            basis = {**it.state, **it.refresh} if it.refresh else it.state
+            it.R = it.proj.project(basis, it.G)
+
+    def commit_refresh(self, opt, items: List["_Item"]) -> None:
+        for it in items:
+            if it.refresh is None:
+                continue
+            state, group = it.state, it.group
+            old = {k: v for k, v in state.items() if k.startswith("proj_")}
+            stale = id(it.p) in opt._stale
+            opt._stale.discard(id(it.p))
+            if stale:  # a basis of other settings: neither it nor its moments carry over
+                for k in old:
+                    if k != "proj_refreshes":
+                        state.pop(k)
+            state.update(it.refresh)
+            state["proj_step"] = state.get("step", 0)
+            inner = INNER_RULES[group["inner"]]
+            if stale:
+                inner.reset(state)
+            elif old.get("proj_refreshes", 0):
+                if group["adaptive_gap"]:
+                    gap = state.get("proj_gap", group["update_proj_gap"])
+                    if it.proj.overlap(old, state) >= group["gap_overlap"]:
+                        gap = min(2 * gap, group["max_proj_gap"])
+                    state["proj_gap"] = gap
+                policy = group["subspace_change"]
+                if policy == "reset":
+                    inner.reset(state)
+                elif policy == "rotate":
+                    inner.rotate(state, it.proj.rotation(old, state))
+
+    def update(self, opt, items: List["_Item"], keep_on) -> None:
+        buckets: Dict[tuple, List[_Item]] = {}
+        for it in items:
+            if it.R is None:  # an empty subspace: no moments, the whole gradient is residual
+                INNER_RULES[it.group["inner"]].reset(it.state)
+                continue
+            style = it.group.get("eps_style") or ("torch" if it.proj.covers(it.state) else "galore")
+            buckets.setdefault((it.gi, it.R.device, it.R.dtype, style), []).append(it)
+        for (gi, dev, _, style), its in buckets.items():
+            group = its[0].group
+            rule = RESIDUAL_RULES[group["residual"]]
+            dims = [norm_dim(it.proj.side) for it in its] if getattr(rule, "uses_channel_norms", False) else None
+            dirs = INNER_RULES[group["inner"]].step([it.state for it in its], [it.R for it in its], group,
+                                                    keep_on(dev), eps_style=style, col_norm_dims=dims,
+                                                    params=[it.p for it in its])
+            for it, d in zip(its, dirs):
+                it.d = d
+        for it in items:
+            self._apply(it, keep_on(it.p.device), opt._host_step)
+            it.state["step"] = it.state.get("step", 0) + 1
+
+    @staticmethod
+    def _apply(it: "_Item", keep: torch.Tensor, host: bool) -> None:
+        group, state, proj, d = it.group, it.state, it.proj, it.d
+        rule = RESIDUAL_RULES[group["residual"]]
+        extra = rule(it.G, it.R, d, proj, state, group, keep)
+        if extra is not None and rule.joins != "separate":
+            extra = where_keep(keep, extra)  # a skipped step's residual may hold NaN: it must add nothing
+        if d is not None and rule.joins != "replace" and _fused_apply(it, d, extra, rule.joins, keep, host):
+            return
+        if d is None:
+            U, step, lr = None, None, group["lr"]
+        else:
+            step, lr = d.step, d.decay_lr
+            if rule.joins == "replace":
+                U, extra = extra, None
+            else:
+                U = proj.project_back(state, d.direction)
+                if group["scale"] != 1.0:
+                    U.mul_(group["scale"])  # scaled before the step, in this order, as galore-torch / fira do
+                if rule.joins == "update":
+                    U.add_(extra)
+                    extra = None
+        apply_update(it.p, group, U, step, lr, keep, extra=extra)
+
+    def expected_bytes(self, opt, group: Dict, p: torch.Tensor) -> int:
+        proj = opt.projector_for(group, p)
+        inner = INNER_RULES[group["inner"]]
+        low = proj.low_rank_shape() if proj.rank > 0 else None
+        moments = inner.expected_bytes(low, group, _compute_dtype(p)) if low and math.prod(low) else 0
+        return proj.expected_state_bytes() + moments + RESIDUAL_RULES[group["residual"]].expected_bytes(group)
+
+
+register_route(LowRankRoute())
+
+def _default_refresh_due(it: _Item) -> bool:
+    """At steps 0, T, 2T, ... of the parameter's own clock; with an adaptive gap, T steps after the last refresh."""
+    state = it.state
+    if int(state.get("proj_refreshes", 0)) == 0:
+        return True
+    step = state.get("step", 0)
+    if it.group["adaptive_gap"] and "proj_gap" in state:
+        return step - state.get("proj_step", 0) >= state["proj_gap"]
+    return step % it.group["update_proj_gap"] == 0
+
+
+
+def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host: bool) -> bool:
+    """Project back, decay and update in one Triton pass over W (CUDA, or a forced backend). The kernel takes the
+    learning rate as a number: the bias factor and the skip gate ride on the small low-rank direction instead, so
+    no host read is needed, except for weight decay (a number too), which takes the kernel only when the host has
+    read this step's flag anyway."""
+    from . import quant
+
+    p, group = it.p, it.group
+    lr, wd = d.decay_lr, group["weight_decay"]
+    if not (quant.kernels_for(p) and p.is_contiguous() and p.dtype == torch.float32) or isinstance(lr, torch.Tensor):
+        return False
+    if lr <= 0 or (wd and not host):
+        return False
+    factor = (d.step / lr) * keep  # Adam's bias factor, 0 on a skipped step
+    low = d.direction * factor
+    term = None
+    if extra is not None:
+        # Fira's residual takes the same bias-corrected step; FRUGAL's its own plain lr (gated here)
+        term = extra * factor if joins == "update" else where_keep(keep, extra)
+    return it.proj.fused_apply(it.state, low, p.view(it.G.shape), float(lr), wd, group["scale"], term)
+
+
+
+def _try_refresh(it: _Item) -> Optional[Dict[str, Any]]:
+    """New basis entries, or None to keep the previous basis after a failed refresh (a failed first one raises)."""
+    has_basis = int(it.state.get("proj_refreshes", 0)) > 0
+    try:
+        return it.proj.refresh(it.state, it.G)
+    except ProjectorError as err:
+        if has_basis:  # keep the previous basis: training continues in the last good subspace
+            warnings.warn(f"param group {it.gi}: basis refresh failed for a parameter of shape "
+                          f"{tuple(it.p.shape)} ({err}); keeping the previous basis")
+            return None
+        raise RuntimeError(f"param group {it.gi}: the first basis of a parameter of shape {tuple(it.p.shape)} "
+                           f"could not be computed ({err}); no parameter was updated") from err
+
+
+
+def _grad(p: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
+    """The gradient in the compute dtype (as a matrix for low-rank parameters). Read-only: for fp32 parameters it
+    is ``.grad`` itself, so no rule may modify it in place."""
+    g = p.grad
+    if matrix:
+        g = g.reshape(matrix_shape(p))
+    want = _compute_dtype(p)
+    if g.dtype != want:
+        g = g.to(want)
+    return -g if group["maximize"] else g
+
+
+
+def apply_update(p: torch.Tensor, group: Dict, update: torch.Tensor, step: torch.Tensor, lr, keep: torch.Tensor,
+                 extra: Optional[torch.Tensor] = None, extra_scale: float = 1.0) -> None:
+    """W <- W (1 - lr wd) - step * update - lr * extra_scale * extra, in the compute dtype, rounded once to p's
+    dtype, and nothing at all when ``keep`` is 0 (``update`` must then be finite; ``extra`` may hold anything)."""
+    target = p if p.dtype in (torch.float32, torch.float64) else p.float()
+    shape = (update if update is not None else extra).shape
+    contiguous = target.is_contiguous()  # else (channels_last) work on a row-major copy and write it back
+    flat = target.view(shape) if contiguous else target.reshape(shape)
+    if group["weight_decay"]:
+        decay = 1 - _as_float(lr) * group["weight_decay"] if not isinstance(lr, torch.Tensor) else \
+            (1 - lr.detach().double() * group["weight_decay"])
+        flat.mul_(gated(keep, decay, flat.dtype) if not isinstance(decay, torch.Tensor) else
+                  torch.where(keep.bool(), decay.to(keep.device, flat.dtype), torch.ones((), dtype=flat.dtype,
+                                                                                       device=keep.device)))
+    if update is not None:
+        flat.addcmul_(update, -step.to(flat.dtype) * keep.to(flat.dtype))
+    if extra is not None:
+        scale = (-(_lr64(lr, keep.device) * extra_scale)).to(flat.dtype) * keep.to(flat.dtype)
+        flat.addcmul_(where_keep(keep, extra), scale)
+    if not contiguous:
+        target.copy_(flat.view(target.shape))
+    if target is not p:
+        p.copy_(target)
+
+
+
+def _as_float(x) -> float:
+    return float(x)
+
+
+
+def _lr64(lr, device) -> torch.Tensor:
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().to(device=device, dtype=torch.float64)
+    return torch.tensor(float(lr), dtype=torch.float64, device=device)
+
+
+__all__ = ["LowRankRoute", "apply_update"]
