@@ -31,6 +31,7 @@ setup(
             "pytest",
             "hypothesis",
             "transformers>=4.40",
+            "accelerate",
             "galore-torch==1.0",
             "fira==1.0.2",
             "bitsandbytes>=0.50",

@@ -6,6 +6,7 @@ loads with weights_only=True) and step_00000300.json beside it: {"sha256": hash 
 "args": the run's resolved options}. A checkpoint counts only if both files exist and the hash matches, so a
 flipped bit, a truncated copy or a crash between the two writes is never resumed from.
 """
+
 import glob
 import hashlib
 import json
@@ -46,6 +47,7 @@ def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=str)
+
     durable_replace(write, path)
 
 
@@ -109,17 +111,26 @@ def newest_intact(output_dir):
 
 def _rng_state():
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(rng):
     torch.set_rng_state(rng["torch"])
     n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     if rng["cuda"] is not None and torch.cuda.is_available():
@@ -141,8 +152,10 @@ def save(output_dir, step, payload, args_dict, keep):
 def _safe_globals():
     """Classes the reference optimizers (galore-torch, fira) keep in their state: their projector objects."""
     out = []
-    for module, name in (("galore_torch.galore_projector", "GaLoreProjector"),
-                         ("fira.gradient_projection", "GradientProjector")):
+    for module, name in (
+        ("galore_torch.galore_projector", "GaLoreProjector"),
+        ("fira.gradient_projection", "GradientProjector"),
+    ):
         try:
             out.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -172,8 +185,10 @@ def truncate_log(path, step):
         lines = [line for line in f if line.strip()]
     keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(keep) != len(lines):
+
         def write(tmp):
             with open(tmp, "w") as f:
                 f.writelines(keep)
+
         durable_replace(write, path)
     return len(lines) - len(keep)

@@ -1,13 +1,14 @@
 """Command-line plumbing shared by the benchmark entry points: one-line user errors with exit status 2,
 argument checks that run before any expensive work, and which flags the user gave explicitly."""
+
 import argparse
 import functools
 import math
 import os
 import sys
 
-USAGE_EXIT = 2      # the user asked for something impossible (argparse's own status for bad flags)
-DIVERGED_EXIT = 3   # training produced a non-finite loss
+USAGE_EXIT = 2  # the user asked for something impossible (argparse's own status for bad flags)
+DIVERGED_EXIT = 3  # training produced a non-finite loss
 
 
 class UsageError(Exception):
@@ -29,6 +30,7 @@ class Parser(argparse.ArgumentParser):
 def entry_point(prog):
     """Decorate `main(argv=None)`: UsageError -> one stderr line + SystemExit(2), TrainingDiverged -> exit 3.
     Other exceptions are bugs and keep their traceback."""
+
     def wrap(main):
         @functools.wraps(main)
         def run(argv=None):
@@ -40,7 +42,9 @@ def entry_point(prog):
             except TrainingDiverged as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 raise SystemExit(DIVERGED_EXIT) from None
+
         return run
+
     return wrap
 
 
@@ -74,8 +78,13 @@ def check_number(name, value, low=None, high=None, low_open=False, high_open=Fal
     if bad_low or bad_high:
         lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
         hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-        rng = f"in {lo}, {hi}" if low is not None and high is not None else \
-            (f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+        rng = (
+            f"in {lo}, {hi}"
+            if low is not None and high is not None
+            else (
+                f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}"
+            )
+        )
         raise UsageError(f"{name} must be {rng}, got {value:g}")
 
 

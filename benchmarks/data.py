@@ -4,6 +4,7 @@ A corpus is a list of (key, text) documents split train/validation by a hash of 
 does not depend on file-system order, plus a sha256 "corpus hash" that results carry to name their data.
 Tokenizers and token streams are cached under --cache-dir keyed by that hash.
 """
+
 import hashlib
 import json
 import os
@@ -30,14 +31,20 @@ class Corpus:
     num_files: int = 0
 
     def describe(self):
-        return {"name": self.name, "hash": self.hash, "files": self.num_files,
-                "train_docs": len(self.train), "val_docs": len(self.val),
-                "train_chars": sum(map(len, self.train)), "val_chars": sum(map(len, self.val))}
+        return {
+            "name": self.name,
+            "hash": self.hash,
+            "files": self.num_files,
+            "train_docs": len(self.train),
+            "val_docs": len(self.val),
+            "train_chars": sum(map(len, self.train)),
+            "val_chars": sum(map(len, self.val)),
+        }
 
 
 def _is_val(key, val_fraction):
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return h / 2.0 ** 64 < val_fraction
+    return h / 2.0**64 < val_fraction
 
 
 def _make_corpus(name, docs, val_fraction, num_files):
@@ -134,11 +141,13 @@ def hub_unreachable_reason(timeout=5.0):
 def hf_corpus(spec, text_field="text", val_fraction=0.05, max_chars=None):
     """`hf:NAME[:CONFIG]`: the train split streamed with `datasets`, up to `max_chars` characters.
     Streamed data cannot be hashed as a whole, so the hash covers the documents actually taken."""
-    name, _, config = spec[len("hf:"):].partition(":")
+    name, _, config = spec[len("hf:") :].partition(":")
     reason = hub_unreachable_reason()
     if reason:
-        raise ConnectionError(f"--data {spec}: the Hugging Face hub is unreachable ({reason}), so dataset {name!r} "
-                              "cannot be streamed; use --data stdlib or a local path instead")
+        raise ConnectionError(
+            f"--data {spec}: the Hugging Face hub is unreachable ({reason}), so dataset {name!r} "
+            "cannot be streamed; use --data stdlib or a local path instead"
+        )
     import datasets
 
     stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
@@ -165,6 +174,7 @@ def load_corpus(spec="stdlib", text_field="text", val_fraction=0.05, max_chars=N
 @dataclass
 class Tokenizer:
     """Common face of a trained `tokenizers.Tokenizer` and a HF `transformers` tokenizer."""
+
     name: str
     encode_batch: object  # list[str] -> list[list[int]]
     vocab_size: int
@@ -181,7 +191,8 @@ def _atomic_write(path, write):
 
 def train_bpe(corpus, vocab_size, cache_dir, max_train_mb=16):
     """Byte-level BPE trained on the first `max_train_mb` MB of the training split, cached on disk."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     path = os.path.join(cache_dir, "tokenizers", f"bpe-{corpus.hash[:16]}-v{vocab_size}-mb{max_train_mb:g}.json")
     if not os.path.exists(path):
@@ -189,9 +200,13 @@ def train_bpe(corpus, vocab_size, cache_dir, max_train_mb=16):
         tok = HFTok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        budget, texts = int(max_train_mb * 2 ** 20), []
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[BOS, EOS],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        budget, texts = int(max_train_mb * 2**20), []
         for text in corpus.train:  # cap the training text so the default stays minutes on 2 CPU cores
             texts.append(text[:budget])
             budget -= len(texts[-1])
@@ -214,8 +229,10 @@ def hf_tokenizer(name):
     except OSError:
         reason = hub_unreachable_reason()
         if reason:
-            raise OSError(f"--tokenizer {name}: not a local path or in the HF cache, and the Hugging Face hub "
-                          f"is unreachable ({reason})") from None
+            raise OSError(
+                f"--tokenizer {name}: not a local path or in the HF cache, and the Hugging Face hub "
+                f"is unreachable ({reason})"
+            ) from None
         tok = AutoTokenizer.from_pretrained(name)
     ident = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
     encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -233,13 +250,13 @@ def tokenize_cached(corpus, tokenizer, cache_dir, chunk=256):
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         path = f"{base}.{split}.npy"
         if not os.path.exists(path):
-            dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+            dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
             parts = []
             for i in range(0, len(docs), chunk):
-                for ids in tokenizer.encode_batch(docs[i:i + chunk]):
+                for ids in tokenizer.encode_batch(docs[i : i + chunk]):
                     parts.append(np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
             arr = np.concatenate(parts) if parts else np.zeros(0, dtype)
-            _atomic_write(path, lambda p: _save_npy(p, arr))
+            _atomic_write(path, lambda p, arr=arr: _save_npy(p, arr))
         out.append(np.load(path, mmap_mode="r"))
     return tuple(out)
 
@@ -254,7 +271,7 @@ def pack(tokens, seq_len):
     n = len(tokens) // seq_len
     if n == 0:
         raise ValueError(f"only {len(tokens)} tokens, fewer than one --seq-len {seq_len} block")
-    return torch.from_numpy(np.asarray(tokens[:n * seq_len], dtype=np.int64).reshape(n, seq_len))
+    return torch.from_numpy(np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
 
 
 class BlockSampler:

@@ -4,6 +4,7 @@
 
 Uses ``lowrank_optim.estimate_state_bytes``, which the tests check equals the measured ``optimizer.state_bytes()``.
 """
+
 import argparse
 import datetime
 import os
@@ -37,8 +38,9 @@ METHODS = [  # (label, optimizer name, options)
 
 @entry_point("python -m benchmarks.memory")
 def main(argv=None):
-    p = Parser(prog="python -m benchmarks.memory", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m benchmarks.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="llama_60m")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--target-modules", default="attn,mlp")
@@ -66,12 +68,17 @@ def main(argv=None):
             kw = dict(opts) if name == "adamw" else dict(rank=args.rank, **opts)
             b = estimate_state_bytes(model, name, args.target_modules.split(","), **kw)
             rows.append((label, b, b / base))
-    lines = [f"# Optimizer-state memory, {args.model} ({n_params / 1e6:.1f}M parameters), rank {args.rank}",
-             "", f"Command: `python -m benchmarks.memory {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-             f"Machine: {platform.platform()}, torch {torch.__version__} (shapes only, no device needed)  ",
-             f"Date: {datetime.date.today().isoformat()}  ",
-             f"Targets: {args.target_modules} (embeddings, norms and lm_head are dense AdamW in every row)", "",
-             "| method | state MiB | vs AdamW |", "|---|---:|---:|"]
+    lines = [
+        f"# Optimizer-state memory, {args.model} ({n_params / 1e6:.1f}M parameters), rank {args.rank}",
+        "",
+        f"Command: `python -m benchmarks.memory {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Machine: {platform.platform()}, torch {torch.__version__} (shapes only, no device needed)  ",
+        f"Date: {datetime.date.today().isoformat()}  ",
+        f"Targets: {args.target_modules} (embeddings, norms and lm_head are dense AdamW in every row)",
+        "",
+        "| method | state MiB | vs AdamW |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {label} | {b / 2**20:.1f} | {r:.3f} |" for label, b, r in rows]
     text = "\n".join(lines) + "\n"
     print(text)

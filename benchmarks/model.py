@@ -1,4 +1,5 @@
 """LLaMA model configs (GaLore's sizes plus CPU-sized ones) and shape helpers."""
+
 import os
 from collections import OrderedDict
 
@@ -44,6 +45,9 @@ def weight_shapes(config):
 def linear_weight_names(model_or_shapes, target_modules=("attn", "mlp")):
     """Names of the 2-D weights inside modules whose name contains one of `target_modules`
     (GaLore's substring rule: "attn" matches self_attn.q_proj, "mlp" matches mlp.up_proj)."""
-    names = model_or_shapes.keys() if isinstance(model_or_shapes, dict) else \
-        [n for n, p in model_or_shapes.named_parameters() if p.ndim == 2]
+    names = (
+        model_or_shapes.keys()
+        if isinstance(model_or_shapes, dict)
+        else [n for n, p in model_or_shapes.named_parameters() if p.ndim == 2]
+    )
     return [n for n in names if any(t in n.rsplit(".", 1)[0] for t in target_modules)]

@@ -1,4 +1,5 @@
 """Optimizer factory shared by the benchmarks: `add_optimizer_args(parser)` + `build_optimizer(name, model, args)`."""
+
 import argparse
 import ast
 import inspect
@@ -8,8 +9,15 @@ import torch
 from .model import linear_weight_names
 
 # --optimizer name -> class in the lowrank_optim package
-LOWRANK = {"galore": "GaLoreAdamW", "galore8bit": "GaLoreAdamW8bit", "galore_adafactor": "GaLoreAdafactor",
-           "fira": "FiraAdamW", "frugal": "FrugalAdamW", "dct": "DCTAdamW", "sst": "SSTAdamW"}
+LOWRANK = {
+    "galore": "GaLoreAdamW",
+    "galore8bit": "GaLoreAdamW8bit",
+    "galore_adafactor": "GaLoreAdafactor",
+    "fira": "FiraAdamW",
+    "frugal": "FrugalAdamW",
+    "dct": "DCTAdamW",
+    "sst": "SSTAdamW",
+}
 REFERENCE = {"galore_ref": ("galore_torch", "GaLoreAdamW"), "fira_ref": ("fira", "FiraAdamW")}
 NAMES = ["adamw", "adam8bit", *LOWRANK, *REFERENCE]
 
@@ -43,8 +51,13 @@ PAPER_RECIPES = {
     "apollo_mini": dict(lr=1e-2, scale=128.0, update_proj_gap=200, rank=1, warmup=0.1),
 }
 # --optimizer names that train with another entry's recipe (same method: other precision, inner rule or package)
-_RECIPE_OF = {"galore8bit": "galore", "galore_adafactor": "galore", "galore_ref": "galore", "fira_ref": "fira",
-              "adam8bit": "adamw"}
+_RECIPE_OF = {
+    "galore8bit": "galore",
+    "galore_adafactor": "galore",
+    "galore_ref": "galore",
+    "fira_ref": "fira",
+    "adam8bit": "adamw",
+}
 
 
 def paper_recipe(name):
@@ -78,29 +91,44 @@ def _betas(text):
 def add_optimizer_args(parser):
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adamw", choices=NAMES)
-    g.add_argument("--recipe", default="paper", choices=("paper", "none"),
-                   help="paper: options you do not give come from the method's paper pretraining recipe "
-                        "(lr, scale, rank, gap, density, warmup); none: the flag defaults below")
+    g.add_argument(
+        "--recipe",
+        default="paper",
+        choices=("paper", "none"),
+        help="paper: options you do not give come from the method's paper pretraining recipe "
+        "(lr, scale, rank, gap, density, warmup); none: the flag defaults below",
+    )
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--betas", type=_betas, default=(0.9, 0.999),
-                   help="comma separated, e.g. 0.9,0.999")
+    g.add_argument("--betas", type=_betas, default=(0.9, 0.999), help="comma separated, e.g. 0.9,0.999")
     g.add_argument("--eps", type=float, default=None, help="default: the optimizer's own default")
     g.add_argument("--rank", type=int, default=128)
     g.add_argument("--update-proj-gap", type=int, default=200)
-    g.add_argument("--scale", type=float, default=None,
-                   help="GaLore scale (Fira's alpha); default: the recipe's, else the optimizer's own")
+    g.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="GaLore scale (Fira's alpha); default: the recipe's, else the optimizer's own",
+    )
     g.add_argument("--proj-type", default=None, help="std | reverse_std | left | right | full (default: std)")
-    g.add_argument("--projector", default=None,
-                   help="lowrank_optim projector, e.g. svd, random, dct; default: the method's own (GaLore/Fira "
-                        "svd, DCT dct, FRUGAL columns, SST sst)")
+    g.add_argument(
+        "--projector",
+        default=None,
+        help="lowrank_optim projector, e.g. svd, random, dct; default: the method's own (GaLore/Fira "
+        "svd, DCT dct, FRUGAL columns, SST sst)",
+    )
     g.add_argument("--state-bits", type=int, default=32, choices=(32, 8))
     g.add_argument("--target-modules", default="attn,mlp", help="comma separated module-name substrings")
     g.add_argument("--density", type=float, default=None, help="FRUGAL: fraction of the state-full subspace")
     g.add_argument("--inactive-update", default=None, help="FRUGAL: update rule of the state-free subspace")
-    g.add_argument("--opt-kw", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra optimizer/param-group kwarg (repeatable); keys the optimizer constructor names "
-                        "go to it, the rest into the low-rank param groups")
+    g.add_argument(
+        "--opt-kw",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra optimizer/param-group kwarg (repeatable); keys the optimizer constructor names "
+        "go to it, the rest into the low-rank param groups",
+    )
     return g
 
 
@@ -205,8 +233,10 @@ def _import_lowrank(name):
 
         return getattr(lowrank_optim, LOWRANK[name]), lowrank_optim.lowrank_param_groups
     except (ImportError, AttributeError) as e:
-        raise ImportError(f"--optimizer {name} needs lowrank_optim.{LOWRANK[name]} and "
-                          f"lowrank_optim.lowrank_param_groups, which could not be imported: {e}") from e
+        raise ImportError(
+            f"--optimizer {name} needs lowrank_optim.{LOWRANK[name]} and "
+            f"lowrank_optim.lowrank_param_groups, which could not be imported: {e}"
+        ) from e
 
 
 def _import_reference(name):
@@ -214,8 +244,10 @@ def _import_reference(name):
     try:
         return getattr(__import__(module), cls)
     except ImportError as e:
-        raise ImportError(f"--optimizer {name} needs the reference package {module!r} "
-                          f"(pip install {'galore-torch' if module == 'galore_torch' else module})") from e
+        raise ImportError(
+            f"--optimizer {name} needs the reference package {module!r} "
+            f"(pip install {'galore-torch' if module == 'galore_torch' else module})"
+        ) from e
 
 
 def optimizer_class(name):
@@ -250,11 +282,12 @@ def param_groups(name, model, args):
     # reference packages: GaLore's recipe, Linear weights of the target modules get the projection keys
     named = dict(model.named_parameters())
     low = set(linear_weight_names(model, targets))
-    opts = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, proj_type=args.proj_type or "std",
-                **group_kw)
+    opts = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, proj_type=args.proj_type or "std", **group_kw)
     opts["alpha" if name == "fira_ref" else "scale"] = 0.25 if args.scale is None else args.scale
-    return [{"params": [p for n, p in named.items() if n not in low and p.requires_grad]},
-            {"params": [named[n] for n in named if n in low], **opts}]
+    return [
+        {"params": [p for n, p in named.items() if n not in low and p.requires_grad]},
+        {"params": [named[n] for n in named if n in low], **opts},
+    ]
 
 
 def make_optimizer(name, groups, args):

@@ -1,4 +1,5 @@
 """Plotting helpers shared by benchmarks.compare and benchmarks.tune (matplotlib, headless)."""
+
 import json
 import os
 
@@ -7,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on the benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 
 
 def read_log(run_dir):
@@ -31,7 +32,7 @@ def ema(values, beta=0.9):
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** i))
+        out.append(avg / (1 - beta**i))
     return out
 
 
@@ -80,8 +81,15 @@ def memory_vs_ppl(labels, mem_bytes, ppls, path, title, front=False):
     if front and ppls:
         idx = pareto_front(list(zip(mib, ppls)))
         ax.step([mib[i] for i in idx], [ppls[i] for i in idx], where="post", color="C3", lw=1.2, zorder=2)
-        ax.scatter([mib[i] for i in idx], [ppls[i] for i in idx], s=90, facecolors="none", edgecolors="C3",
-                   label="Pareto front", zorder=4)
+        ax.scatter(
+            [mib[i] for i in idx],
+            [ppls[i] for i in idx],
+            s=90,
+            facecolors="none",
+            edgecolors="C3",
+            label="Pareto front",
+            zorder=4,
+        )
         ax.legend(fontsize=8)
     ax.set(xlabel="optimizer state (MiB)", ylabel="final validation perplexity", title=title)
     ax.grid(alpha=0.3)
@@ -98,8 +106,9 @@ def heatmap(rows, cols, values, path, row_label, col_label, title):
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             dark = v is not None and im.norm(v) > 0.5  # viridis_r: high ppl is dark, so write white on it
-            ax.text(j, i, "-" if v is None else f"{v:.1f}", ha="center", va="center", color="w" if dark else "k",
-                    fontsize=9)
+            ax.text(
+                j, i, "-" if v is None else f"{v:.1f}", ha="center", va="center", color="w" if dark else "k", fontsize=9
+            )
     ax.set(xlabel=col_label, ylabel=row_label, title=title)
     fig.colorbar(im, ax=ax, label="eval ppl")
     return save(fig, path)

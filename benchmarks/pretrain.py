@@ -9,6 +9,7 @@ line on stderr, found before any tokenizer training or data preparation where po
 whose checkpoint is corrupt or was trained with other options (listed; --override trains with the new ones);
 3 the loss became NaN or infinite. Checkpoints: see benchmarks/checkpoint.py.
 """
+
 import json
 import math
 import os
@@ -48,7 +49,8 @@ def cosine_with_min_lr(step, warmup_steps, total_steps, min_lr_ratio):
 def make_scheduler(optimizer, total_steps, args):
     warmup = int(args.warmup * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_min_lr(s, warmup, total_steps, args.min_lr_ratio))
+        optimizer, lambda s: cosine_with_min_lr(s, warmup, total_steps, args.min_lr_ratio)
+    )
 
 
 def attach_layerwise(optimizer, args):
@@ -59,8 +61,9 @@ def attach_layerwise(optimizer, args):
         from lowrank_optim.layerwise import LayerwiseOptimizer
     except ImportError as e:
         raise ImportError(f"--layerwise needs lowrank_optim.layerwise, which could not be imported: {e}") from e
-    return LayerwiseOptimizer(optimizer, accumulation_steps=args.grad_accum,
-                              clip_grad_norm=args.grad_clip if args.grad_clip > 0 else None)
+    return LayerwiseOptimizer(
+        optimizer, accumulation_steps=args.grad_accum, clip_grad_norm=args.grad_clip if args.grad_clip > 0 else None
+    )
 
 
 # ---------------------------------------------------------------- distributed / data
@@ -82,14 +85,21 @@ def setup_distributed(args):
 def prepare_data(args, config, total_tokens, rank, world):
     """Corpus -> tokenizer -> cached token streams -> packed blocks. Rank 0 builds the caches first."""
     t0 = time.time()
-    corpus = D.load_corpus(args.data, args.text_field, args.val_fraction,
-                           max_chars=8 * total_tokens if args.data.startswith("hf:") else None)
+    corpus = D.load_corpus(
+        args.data,
+        args.text_field,
+        args.val_fraction,
+        max_chars=8 * total_tokens if args.data.startswith("hf:") else None,
+    )
     timings = {"corpus_s": time.time() - t0}
     for turn in (0, 1):  # rank 0 trains the tokenizer / tokenizes, then the others read its cache
         if (rank == 0) == (turn == 0):
             t0 = time.time()
-            tok = D.hf_tokenizer(args.tokenizer) if args.tokenizer else \
-                D.train_bpe(corpus, config.vocab_size, args.cache_dir, args.tokenizer_train_mb)
+            tok = (
+                D.hf_tokenizer(args.tokenizer)
+                if args.tokenizer
+                else D.train_bpe(corpus, config.vocab_size, args.cache_dir, args.tokenizer_train_mb)
+            )
             timings["tokenizer_s"] = time.time() - t0
             t0 = time.time()
             train, val = D.tokenize_cached(corpus, tok, args.cache_dir)
@@ -151,13 +161,16 @@ def check_resume_options(args, path, meta):
     """The differences between this run's training options and the checkpoint's; refused unless --override."""
     diffs, structural = opts.option_differences(meta.get("args", {}), opts.training_options(args))
     if structural:
-        raise UsageError(f"--resume {path}: the checkpoint's state was built for other values of "
-                         f"{len(structural)} option(s), which not even --override can change (start a new run "
-                         "in another --output-dir):\n  " + "\n  ".join(structural))
+        raise UsageError(
+            f"--resume {path}: the checkpoint's state was built for other values of "
+            f"{len(structural)} option(s), which not even --override can change (start a new run "
+            "in another --output-dir):\n  " + "\n  ".join(structural)
+        )
     if diffs and not args.override:
-        raise UsageError(f"--resume {path}: {len(diffs)} training option(s) differ from the checkpoint's "
-                         "(resume with the same options, or pass --override to train with the new ones):\n  "
-                         + "\n  ".join(diffs))
+        raise UsageError(
+            f"--resume {path}: {len(diffs)} training option(s) differ from the checkpoint's "
+            "(resume with the same options, or pass --override to train with the new ones):\n  " + "\n  ".join(diffs)
+        )
     return diffs
 
 
@@ -220,7 +233,8 @@ def main(argv=None):
     np.random.seed(args.seed)
     try:
         corpus, tok, train_blocks, val_blocks, timings = prepare_data(
-            args, config, args.max_steps * tokens_per_step, rank, world)
+            args, config, args.max_steps * tokens_per_step, rank, world
+        )
     except (ValueError, KeyError, OSError) as e:  # a corpus too small, a missing --text-field, an unreadable file
         raise UsageError(f"--data {args.data}: {str(e).strip(chr(34) + chr(39))}") from None
     model = build_model(config, args.seed).to(device)
@@ -251,28 +265,48 @@ def main(argv=None):
 
     run_tokens, run_time = (run.step - step) * tokens_per_step, run.train_time - train_time
     summary = {
-        "eval_loss": run.evals[-1]["eval_loss"], "eval_ppl": run.evals[-1]["eval_ppl"], "evals": run.evals,
-        "final_train_loss": run.loss_value, "steps": run.step, "tokens": run.step * tokens_per_step,
+        "eval_loss": run.evals[-1]["eval_loss"],
+        "eval_ppl": run.evals[-1]["eval_ppl"],
+        "evals": run.evals,
+        "final_train_loss": run.loss_value,
+        "steps": run.step,
+        "tokens": run.step * tokens_per_step,
         "tokens_per_s": run_tokens / run_time if run_tokens and run_time else None,
-        "train_time_s": run.train_time, "state_bytes": state_bytes(optimizer),
+        "train_time_s": run.train_time,
+        "state_bytes": state_bytes(optimizer),
         "peak_mem_bytes": peak_memory_bytes(device),
-        "num_params": sum(p.numel() for p in model.parameters()), "model": model_name,
-        "config": json.loads(config.to_json_string()), "optimizer": optimizer_options(args.optimizer, args),
-        "recipe": args.recipe, "recipe_applied": args.recipe_applied,
-        "layerwise": args.layerwise, "corpus": corpus.describe(), "corpus_hash": corpus.hash,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "model": model_name,
+        "config": json.loads(config.to_json_string()),
+        "optimizer": optimizer_options(args.optimizer, args),
+        "recipe": args.recipe,
+        "recipe_applied": args.recipe_applied,
+        "layerwise": args.layerwise,
+        "corpus": corpus.describe(),
+        "corpus_hash": corpus.hash,
         "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "id": tok.id},
         "data": {"train_blocks": len(train_blocks), "val_blocks": len(val_blocks), **timings},
-        "world_size": world, "global_batch": global_batch, "seq_len": args.seq_len, "device": str(device),
-        "dtype": args.dtype, "seed": args.seed, "resumed_from": resume_path, "overridden": overridden,
-        "versions": versions(), "args": vars(args),
+        "world_size": world,
+        "global_batch": global_batch,
+        "seq_len": args.seq_len,
+        "device": str(device),
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "resumed_from": resume_path,
+        "overridden": overridden,
+        "versions": versions(),
+        "args": vars(args),
     }
     if rank == 0:
         path = os.path.join(args.output_dir, "summary.json")
         ckpt.write_json(path, summary)
         tps = summary["tokens_per_s"]
-        print(f"summary: {path}\neval loss {summary['eval_loss']:.4f}, ppl {summary['eval_ppl']:.2f}; "
-              f"{'-' if tps is None else format(tps, ',.0f')} tokens/s; optimizer state "
-              f"{summary['state_bytes'] / 2 ** 20:.2f} MiB ({summary['state_bytes']:,} bytes)", flush=True)
+        print(
+            f"summary: {path}\neval loss {summary['eval_loss']:.4f}, ppl {summary['eval_ppl']:.2f}; "
+            f"{'-' if tps is None else format(tps, ',.0f')} tokens/s; optimizer state "
+            f"{summary['state_bytes'] / 2**20:.2f} MiB ({summary['state_bytes']:,} bytes)",
+            flush=True,
+        )
     return summary
 
 

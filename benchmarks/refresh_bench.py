@@ -17,6 +17,7 @@ Parts (``--parts``, comma-separated, default all):
   matrices, and the drift of 100 GaLore steps (projector-level loop: Adam on P^T G, moments kept across
   refreshes, gap 20) on a least-squares problem, against the same run with fp32 bases.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,13 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def machine_info() -> Dict:
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "processor": platform.processor() or platform.machine()}
+    info = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+    }
     try:
         info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -66,8 +72,12 @@ def machine_info() -> Dict:
 
 # --- part 1: refresh time -----------------------------------------------------------------------------------------
 def time_refreshes(shapes, ranks, repeats: int, power_iters: int) -> List[Dict]:
-    variants = {"rsvd": ("rsvd", {}), "power": ("power", {"power_iters": power_iters}),
-                "power x2": ("power", {"power_iters": 2}), "dct": ("dct", {})}
+    variants = {
+        "rsvd": ("rsvd", {}),
+        "power": ("power", {"power_iters": power_iters}),
+        "power x2": ("power", {"power_iters": 2}),
+        "dct": ("dct", {}),
+    }
     rows = []
     gen = torch.Generator().manual_seed(0)
     for shape in shapes:
@@ -88,8 +98,16 @@ def time_refreshes(shapes, ranks, repeats: int, power_iters: int) -> List[Dict]:
                         state.update(proj.refresh(state, previous))
                     proj.refresh(state, grad)  # warm-up (not timed; svd's own first call is part of its median)
                     ms = median_ms(lambda: proj.refresh(state, grad), repeats)
-                rows.append({"shape": list(shape), "rank": rank, "side": side, "projector": name, "ms": ms,
-                             "vs_svd": ms / svd_ms})
+                rows.append(
+                    {
+                        "shape": list(shape),
+                        "rank": rank,
+                        "side": side,
+                        "projector": name,
+                        "ms": ms,
+                        "vs_svd": ms / svd_ms,
+                    }
+                )
                 print(f"time {shape} r={rank} {name}: {ms:.0f} ms ({ms / svd_ms:.3f} x svd)", flush=True)
     return rows
 
@@ -132,13 +150,18 @@ def captured_energy(grad, basis, which, top):
 
 def power_quality(model_name: str, ranks, refreshes: int, gap: int) -> Dict:
     seqs, final_loss = gradient_sequence(model_name, refreshes, gap)
-    variants = [("stale (no update)", "power", None), ("power, 1 iter", "power", 1), ("power, 2 iters", "power", 2),
-                ("power, 3 iters", "power", 3), ("rsvd (defaults)", "rsvd", None)]
+    variants = [
+        ("stale (no update)", "power", None),
+        ("power, 1 iter", "power", 1),
+        ("power, 2 iters", "power", 2),
+        ("power, 3 iters", "power", 3),
+        ("rsvd (defaults)", "rsvd", None),
+    ]
     rows = []
     for rank in ranks:
         scores = {label: [] for label, _, _ in variants}
         times = {label: [] for label, _, _ in variants}
-        for name, grads in seqs.items():
+        for grads in seqs.values():
             shape = tuple(grads[0].shape)
             if min(shape) <= rank:
                 continue
@@ -161,12 +184,27 @@ def power_quality(model_name: str, ranks, refreshes: int, gap: int) -> Dict:
                         scores[label].append(captured_energy(g, proj.basis(state, side), side, tops[k]))
         for label, _, _ in variants:
             vals = scores[label]
-            rows.append({"rank": rank, "variant": label, "mean": statistics.mean(vals), "min": min(vals),
-                         "n": len(vals), "ms": 1e3 * statistics.median(times[label]) if times[label] else None})
+            rows.append(
+                {
+                    "rank": rank,
+                    "variant": label,
+                    "mean": statistics.mean(vals),
+                    "min": min(vals),
+                    "n": len(vals),
+                    "ms": 1e3 * statistics.median(times[label]) if times[label] else None,
+                }
+            )
             print(f"power r={rank} {label}: mean {rows[-1]['mean']:.4f} min {rows[-1]['min']:.4f}", flush=True)
     shapes = sorted({tuple(g[0].shape) for g in seqs.values()})
-    return {"rows": rows, "model": model_name, "weights": len(seqs), "shapes": shapes, "final_loss": final_loss,
-            "refreshes": refreshes, "gap": gap}
+    return {
+        "rows": rows,
+        "model": model_name,
+        "weights": len(seqs),
+        "shapes": shapes,
+        "final_loss": final_loss,
+        "refreshes": refreshes,
+        "gap": gap,
+    }
 
 
 # --- part 3: quantized bases ----------------------------------------------------------------------------------------
@@ -190,15 +228,33 @@ def reconstruction_errors(cases) -> List[Dict]:
                 state = {"proj_refreshes": 0, **proj.refresh({"proj_refreshes": 0}, grad)}
                 approx = proj.project_back(state, proj.project(state, grad))
                 basis = proj.basis(state, side)
-                rows.append({"shape": [m, n], "rank": r, "side": side, "bits": bits,
-                             "rel_err": float((approx - exact).norm() / exact.norm()),
-                             "orth_err": float((basis.t() @ basis - torch.eye(r)).abs().max()),
-                             "bytes_vs_fp32": proj.expected_state_bytes() / ref.expected_state_bytes()})
+                rows.append(
+                    {
+                        "shape": [m, n],
+                        "rank": r,
+                        "side": side,
+                        "bits": bits,
+                        "rel_err": float((approx - exact).norm() / exact.norm()),
+                        "orth_err": float((basis.t() @ basis - torch.eye(r)).abs().max()),
+                        "bytes_vs_fp32": proj.expected_state_bytes() / ref.expected_state_bytes(),
+                    }
+                )
     return rows
 
 
-def galore_least_squares(projector: str, bits: int, steps=100, gap=20, shape=(128, 96), rank=16, seed=0,
-                         lr=1e-2, scale=0.25, betas=(0.9, 0.999), eps=1e-8):
+def galore_least_squares(
+    projector: str,
+    bits: int,
+    steps=100,
+    gap=20,
+    shape=(128, 96),
+    rank=16,
+    seed=0,
+    lr=1e-2,
+    scale=0.25,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+):
     """GaLore-Adam on min_W E||X W^T - Y||^2 (Y = X W*^T), projector-level: returns (W, final loss, W0)."""
     gen = torch.Generator().manual_seed(seed)
     m, n = shape
@@ -237,8 +293,15 @@ def galore_drift(projectors=("svd", "power"), seeds=(0, 1, 2), steps=100) -> Lis
                 w, loss, _ = galore_least_squares(name, bits, steps=steps, seed=seed)
                 drifts.append(float((w - w_ref).norm() / (w_ref - w0).norm()))
                 losses.append(loss)
-            rows.append({"projector": name, "bits": bits, "drift": statistics.mean(drifts), "max_drift": max(drifts),
-                         "loss": statistics.mean(losses)})
+            rows.append(
+                {
+                    "projector": name,
+                    "bits": bits,
+                    "drift": statistics.mean(drifts),
+                    "max_drift": max(drifts),
+                    "loss": statistics.mean(losses),
+                }
+            )
             print(f"galore {name} bits={bits}: drift {rows[-1]['drift']:.4f} loss {rows[-1]['loss']:.4f}", flush=True)
     return rows
 
@@ -246,55 +309,88 @@ def galore_drift(projectors=("svd", "power"), seeds=(0, 1, 2), steps=100) -> Lis
 # --- report ---------------------------------------------------------------------------------------------------------
 def render(result: Dict, argv: List[str]) -> str:
     info = result["machine"]
-    lines = ["# Projector refresh benchmark", "",
-             f"- command: `python -m benchmarks.refresh_bench {shlex.join(argv)}`",
-             f"- date: {result['date']}",
-             f"- machine: {info['platform']}, {info['cpu_count']} CPUs (torch threads {info['torch_threads']}), "
-             f"torch {info['torch']}, {info['processor']}, load average {info.get('loadavg_1_5_15')} at start", ""]
+    lines = [
+        "# Projector refresh benchmark",
+        "",
+        f"- command: `python -m benchmarks.refresh_bench {shlex.join(argv)}`",
+        f"- date: {result['date']}",
+        f"- machine: {info['platform']}, {info['cpu_count']} CPUs (torch threads {info['torch_threads']}), "
+        f"torch {info['torch']}, {info['processor']}, load average {info.get('loadavg_1_5_15')} at start",
+        "",
+    ]
     if "time" in result:
-        lines += ["## Refresh time (median of %d, ms; ratio to svd in the same run)" % result["repeats"], "",
-                  "| shape | side | rank | " + " | ".join(TIMED) + " | " +
-                  " | ".join(f"{p}/svd" for p in TIMED[1:]) + " |",
-                  "|---" * (3 + 2 * len(TIMED) - 1) + "|"]
+        lines += [
+            "## Refresh time (median of %d, ms; ratio to svd in the same run)" % result["repeats"],
+            "",
+            "| shape | side | rank | " + " | ".join(TIMED) + " | " + " | ".join(f"{p}/svd" for p in TIMED[1:]) + " |",
+            "|---" * (3 + 2 * len(TIMED) - 1) + "|",
+        ]
         by = {}
         for row in result["time"]:
             by.setdefault((tuple(row["shape"]), row["rank"], row["side"]), {})[row["projector"]] = row
         for (shape, rank, side), r in by.items():
-            lines.append(f"| {shape[0]}x{shape[1]} | {side} | {rank} | " +
-                         " | ".join(f"{r[p]['ms']:.0f}" for p in TIMED) + " | " +
-                         " | ".join(f"{r[p]['vs_svd']:.3f}" for p in TIMED[1:]) + " |")
-        lines += ["", f"power: warm refresh (a previous basis in the state) with power_iters={result['power_iters']}; "
-                  "power x2: the same with power_iters=2; svd: one full SVD per shape (rank-independent), its "
-                  "median serves both ranks; the others after one untimed warm-up call.", ""]
+            lines.append(
+                f"| {shape[0]}x{shape[1]} | {side} | {rank} | "
+                + " | ".join(f"{r[p]['ms']:.0f}" for p in TIMED)
+                + " | "
+                + " | ".join(f"{r[p]['vs_svd']:.3f}" for p in TIMED[1:])
+                + " |"
+            )
+        lines += [
+            "",
+            f"power: warm refresh (a previous basis in the state) with power_iters={result['power_iters']}; "
+            "power x2: the same with power_iters=2; svd: one full SVD per shape (rank-independent), its "
+            "median serves both ranks; the others after one untimed warm-up call.",
+            "",
+        ]
     if "power" in result:
         pq = result["power"]
-        lines += [f"## Captured top-r energy on a real gradient sequence ({pq['model']}, {pq['weights']} weights, "
-                  f"shapes {', '.join(f'{a}x{b}' for a, b in pq['shapes'])}, {pq['refreshes']} refreshes every "
-                  f"{pq['gap']} AdamW steps, final loss {pq['final_loss']:.3f})", "",
-                  "||P^T G||^2 / ||U_r^T G||^2 over every refresh but the first (1 = exact SVD); ms = median "
-                  "refresh time on these small shapes.", "",
-                  "| rank | variant | mean | min | refreshes | ms |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## Captured top-r energy on a real gradient sequence ({pq['model']}, {pq['weights']} weights, "
+            f"shapes {', '.join(f'{a}x{b}' for a, b in pq['shapes'])}, {pq['refreshes']} refreshes every "
+            f"{pq['gap']} AdamW steps, final loss {pq['final_loss']:.3f})",
+            "",
+            "||P^T G||^2 / ||U_r^T G||^2 over every refresh but the first (1 = exact SVD); ms = median "
+            "refresh time on these small shapes.",
+            "",
+            "| rank | variant | mean | min | refreshes | ms |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in pq["rows"]:
             ms = "-" if row["ms"] is None else f"{row['ms']:.1f}"
-            lines.append(f"| {row['rank']} | {row['variant']} | {row['mean']:.4f} | {row['min']:.4f} | {row['n']} "
-                         f"| {ms} |")
+            lines.append(
+                f"| {row['rank']} | {row['variant']} | {row['mean']:.4f} | {row['min']:.4f} | {row['n']} | {ms} |"
+            )
         lines.append("")
     if "bits" in result:
-        lines += ["## Quantized bases: ||P P^T G - P32 P32^T G|| / ||P32 P32^T G|| (svd basis, low-rank + noise)", "",
-                  "| shape | rank | side | bits | rel. error | max abs(P^T P - I) | bytes vs fp32 |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Quantized bases: ||P P^T G - P32 P32^T G|| / ||P32 P32^T G|| (svd basis, low-rank + noise)",
+            "",
+            "| shape | rank | side | bits | rel. error | max abs(P^T P - I) | bytes vs fp32 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in result["bits"]["reconstruction"]:
-            lines.append(f"| {row['shape'][0]}x{row['shape'][1]} | {row['rank']} | {row['side']} | {row['bits']} | "
-                         f"{row['rel_err']:.4f} | {row['orth_err']:.4f} | {row['bytes_vs_fp32']:.3f} |")
+            lines.append(
+                f"| {row['shape'][0]}x{row['shape'][1]} | {row['rank']} | {row['side']} | {row['bits']} | "
+                f"{row['rel_err']:.4f} | {row['orth_err']:.4f} | {row['bytes_vs_fp32']:.3f} |"
+            )
         g = result["bits"]
-        lines += ["", f"## {g['steps']} GaLore steps on least squares (128x96, rank 16, gap 20, lr 1e-2, scale 0.25; "
-                  f"{g['seeds']} seeds)", "",
-                  f"drift = ||W_bits - W_fp32|| / ||W_fp32 - W_0|| after {g['steps']} steps (mean, max over seeds); "
-                  "loss = final minibatch loss (mean).", "",
-                  "| projector | basis bits | drift | max drift | final loss |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {g['steps']} GaLore steps on least squares (128x96, rank 16, gap 20, lr 1e-2, scale 0.25; "
+            f"{g['seeds']} seeds)",
+            "",
+            f"drift = ||W_bits - W_fp32|| / ||W_fp32 - W_0|| after {g['steps']} steps (mean, max over seeds); "
+            "loss = final minibatch loss (mean).",
+            "",
+            "| projector | basis bits | drift | max drift | final loss |",
+            "|---|---|---|---|---|",
+        ]
         for row in result["bits"]["galore"]:
-            lines.append(f"| {row['projector']} | {row['bits']} | {row['drift']:.4f} | {row['max_drift']:.4f} | "
-                         f"{row['loss']:.4f} |")
+            lines.append(
+                f"| {row['projector']} | {row['bits']} | {row['drift']:.4f} | {row['max_drift']:.4f} | "
+                f"{row['loss']:.4f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -305,8 +401,12 @@ def main(argv=None) -> Dict:
     parser.add_argument("--shapes", default=LLAMA_1B_SHAPES)
     parser.add_argument("--ranks", default="128,512")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--power-iters", type=int, default=None, help="power's iterations in the time part "
-                        "(default: the projector's default)")
+    parser.add_argument(
+        "--power-iters",
+        type=int,
+        default=None,
+        help="power's iterations in the time part (default: the projector's default)",
+    )
     parser.add_argument("--power-model", default="llama_tiny")
     parser.add_argument("--power-ranks", default="32,64")
     parser.add_argument("--power-refreshes", type=int, default=8)
@@ -324,19 +424,29 @@ def main(argv=None) -> Dict:
     from lowrank_optim.projectors import PROJECTORS
 
     power_iters = args.power_iters or PROJECTORS["power"].options["power_iters"][0]
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "repeats": args.repeats, "power_iters": power_iters}
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "repeats": args.repeats,
+        "power_iters": power_iters,
+    }
     if "time" in parts:
-        result["time"] = time_refreshes(parse_shapes(args.shapes), [int(r) for r in args.ranks.split(",")],
-                                        args.repeats, power_iters)
+        result["time"] = time_refreshes(
+            parse_shapes(args.shapes), [int(r) for r in args.ranks.split(",")], args.repeats, power_iters
+        )
     if "power" in parts:
-        result["power"] = power_quality(args.power_model, [int(r) for r in args.power_ranks.split(",")],
-                                        args.power_refreshes, args.power_gap)
+        result["power"] = power_quality(
+            args.power_model, [int(r) for r in args.power_ranks.split(",")], args.power_refreshes, args.power_gap
+        )
     if "bits" in parts:
         cases = [tuple(int(d) for d in c.split("x")) for c in args.bits_cases.split(",")]
         seeds = tuple(range(args.galore_seeds))
-        result["bits"] = {"reconstruction": reconstruction_errors(cases), "steps": args.galore_steps,
-                          "seeds": len(seeds), "galore": galore_drift(seeds=seeds, steps=args.galore_steps)}
+        result["bits"] = {
+            "reconstruction": reconstruction_errors(cases),
+            "steps": args.galore_steps,
+            "seeds": len(seeds),
+            "galore": galore_drift(seeds=seeds, steps=args.galore_steps),
+        }
     text = render(result, argv)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -1,5 +1,6 @@
 """benchmarks.pretrain's options: the parser, the checks that run before any data is touched, the paper recipe,
 and the comparison of a run's options with those of the checkpoint it resumes."""
+
 import argparse
 import json
 import os
@@ -13,12 +14,37 @@ PROG = "python -m benchmarks.pretrain"
 
 # options that do not change what is trained (where files go, how often to log / save, the device);
 # every other option must match the checkpoint's on --resume unless --override is given
-NOT_TRAINING = {"output_dir", "resume", "override", "save_every", "keep_checkpoints", "log_every", "eval_every",
-                "cache_dir", "device", "max_tokens", "recipe"}
+NOT_TRAINING = {
+    "output_dir",
+    "resume",
+    "override",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "eval_every",
+    "cache_dir",
+    "device",
+    "max_tokens",
+    "recipe",
+}
 # options the checkpoint's tensors were built for (shapes, vocabulary, which weights are low-rank): not even
 # --override can change them on a resume
-STRUCTURAL = {"model", "optimizer", "rank", "density", "state_bits", "target_modules", "projector", "proj_type",
-              "layerwise", "data", "text_field", "val_fraction", "tokenizer", "tokenizer_train_mb"}
+STRUCTURAL = {
+    "model",
+    "optimizer",
+    "rank",
+    "density",
+    "state_bits",
+    "target_modules",
+    "projector",
+    "proj_type",
+    "layerwise",
+    "data",
+    "text_field",
+    "val_fraction",
+    "tokenizer",
+    "tokenizer_train_mb",
+}
 
 
 def build_parser(description=None):
@@ -28,8 +54,12 @@ def build_parser(description=None):
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl / hf records")
     p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out, chosen by key hash")
     p.add_argument("--tokenizer", default=None, help="HF tokenizer name; default: byte-level BPE trained on --data")
-    p.add_argument("--tokenizer-train-mb", type=float, default=16,
-                   help="cap on training text fed to BPE training (keeps it minutes on 2 CPU cores)")
+    p.add_argument(
+        "--tokenizer-train-mb",
+        type=float,
+        default=16,
+        help="cap on training text fed to BPE training (keeps it minutes on 2 CPU cores)",
+    )
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "lowrank_optim"))
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="per-device micro batch, in sequences")
@@ -39,8 +69,12 @@ def build_parser(description=None):
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 disables")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="bf16 = bf16 autocast (fp32 master weights); default bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="bf16 = bf16 autocast (fp32 master weights); default bf16 on CUDA, fp32 on CPU",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
@@ -49,29 +83,47 @@ def build_parser(description=None):
     p.add_argument("--output-dir", default=None, help="default runs/<model>-<optimizer>-seed<seed>")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint file, or 'auto' for the newest intact one in --output-dir (fresh start if none)")
-    p.add_argument("--override", action="store_true",
-                   help="on --resume, train with this command's options where they differ from the checkpoint's "
-                        "(default: refuse and list the differences)")
-    p.add_argument("--layerwise", action="store_true",
-                   help="update each weight inside backward (lowrank_optim optimizers only; no DDP)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint file, or 'auto' for the newest intact one in --output-dir (fresh start if none)",
+    )
+    p.add_argument(
+        "--override",
+        action="store_true",
+        help="on --resume, train with this command's options where they differ from the checkpoint's "
+        "(default: refuse and list the differences)",
+    )
+    p.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="update each weight inside backward (lowrank_optim optimizers only; no DDP)",
+    )
     add_optimizer_args(p)
     return p
 
 
 def check_values(args):
     """Every numeric option in range (UsageError naming the flag otherwise)."""
-    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
-                        ("--grad-accum", args.grad_accum), ("--eval-batches", args.eval_batches),
-                        ("--keep-checkpoints", args.keep_checkpoints), ("--rank", args.rank),
-                        ("--update-proj-gap", args.update_proj_gap)):
+    for flag, value in (
+        ("--seq-len", args.seq_len),
+        ("--batch-size", args.batch_size),
+        ("--grad-accum", args.grad_accum),
+        ("--eval-batches", args.eval_batches),
+        ("--keep-checkpoints", args.keep_checkpoints),
+        ("--rank", args.rank),
+        ("--update-proj-gap", args.update_proj_gap),
+    ):
         check_number(flag, value, low=1)
     for flag, value in (("--max-steps", args.max_steps), ("--max-tokens", args.max_tokens)):
         check_number(flag, value, low=1, allow_none=True)
-    for flag, value in (("--eval-every", args.eval_every), ("--save-every", args.save_every),
-                        ("--log-every", args.log_every), ("--grad-clip", args.grad_clip),
-                        ("--weight-decay", args.weight_decay)):
+    for flag, value in (
+        ("--eval-every", args.eval_every),
+        ("--save-every", args.save_every),
+        ("--log-every", args.log_every),
+        ("--grad-clip", args.grad_clip),
+        ("--weight-decay", args.weight_decay),
+    ):
         check_number(flag, value, low=0)
     check_number("--val-fraction", args.val_fraction, 0, 1, low_open=True, high_open=True)
     check_number("--warmup", args.warmup, 0, 1, high_open=True)
@@ -118,8 +170,10 @@ def check_data(args):
     if args.data.startswith("hf:"):
         reason = D.hub_unreachable_reason()
         if reason:
-            raise UsageError(f"--data {args.data}: the Hugging Face hub is unreachable ({reason}); "
-                             "use --data stdlib or a local path instead")
+            raise UsageError(
+                f"--data {args.data}: the Hugging Face hub is unreachable ({reason}); "
+                "use --data stdlib or a local path instead"
+            )
     elif not os.path.exists(os.path.expanduser(args.data)):
         raise UsageError(f"--data {args.data}: no such file or directory")
     if args.tokenizer:

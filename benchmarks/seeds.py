@@ -1,9 +1,12 @@
 """Several seeds per setting: mean +- std, and one stated rule for "this difference is noise"."""
+
 import math
 import statistics
 
-NOISE_RULE = ("a difference counts only if |mean A - mean B| >= 2 x pooled std, "
-              "pooled std = sqrt((std_A^2 + std_B^2) / 2) over the seeds (sample std)")
+NOISE_RULE = (
+    "a difference counts only if |mean A - mean B| >= 2 x pooled std, "
+    "pooled std = sqrt((std_A^2 + std_B^2) / 2) over the seeds (sample std)"
+)
 
 
 def mean_std(values):
@@ -15,7 +18,7 @@ def mean_std(values):
 def pooled_std(std_a, std_b):
     if std_a is None or std_b is None:
         return None
-    return math.sqrt((std_a ** 2 + std_b ** 2) / 2)
+    return math.sqrt((std_a**2 + std_b**2) / 2)
 
 
 def within_noise(mean_a, std_a, mean_b, std_b):

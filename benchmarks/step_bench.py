@@ -24,6 +24,7 @@ the same rounds, ours against the same-run peer and against an estimated floor:
 The parts live in benchmarks/stepbench/: shapes, timing, optimizers (build + one optimizer's step measurement),
 refresh (table 2), kernels (tables 3 and 4), whole_model, report (Markdown).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,32 +50,56 @@ from .stepbench.whole_model import whole_model_markdown, whole_model_rows
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv):
-    p = Parser(prog="python -m benchmarks.step_bench", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="python -m benchmarks.step_bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default="llama_60m", help="config name in benchmarks/configs or a JSON path")
     p.add_argument("--shapes", default=None, help="bench these MxN weights instead of a model, e.g. 64x32,32x64")
-    p.add_argument("--whole-model", action="store_true",
-                   help="every parameter of --model (embeddings, all layers, head; or --layers N of them), all "
-                        "optimizers interleaved in the same rounds, ratios to the same-run peer and to a floor")
+    p.add_argument(
+        "--whole-model",
+        action="store_true",
+        help="every parameter of --model (embeddings, all layers, head; or --layers N of them), all "
+        "optimizers interleaved in the same rounds, ratios to the same-run peer and to a floor",
+    )
     p.add_argument("--rounds", type=int, default=20, help="--whole-model: timed interleaved rounds")
-    p.add_argument("--layers", type=int, default=None,
-                   help="bench only the first N transformer layers' weights (0 = all); default 1 on CPU, all on "
-                        "CUDA and with --whole-model")
-    p.add_argument("--include-embeddings", action="store_true",
-                   help="also embed_tokens, lm_head, final norm (implied by --whole-model without --layers)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="bench only the first N transformer layers' weights (0 = all); default 1 on CPU, all on "
+        "CUDA and with --whole-model",
+    )
+    p.add_argument(
+        "--include-embeddings",
+        action="store_true",
+        help="also embed_tokens, lm_head, final norm (implied by --whole-model without --layers)",
+    )
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--update-proj-gap", type=int, default=200, help="gap the amortised time is computed at")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (the first one builds state and basis)")
     p.add_argument("--iters", type=int, default=10, help="timed plain steps")
-    p.add_argument("--no-refresh-sample", dest="refresh_sample", action="store_false",
-                   help="skip the timed steady-state refresh step (amortised = step)")
-    p.add_argument("--include-refresh", action="store_true",
-                   help="step ms = mean over the timed steps INCLUDING the refresh step")
-    p.add_argument("--methods", default=None,
-                   help=f"comma separated subset of {METHODS} (default all; --whole-model: {WHOLE_METHODS})")
-    p.add_argument("--projector", default=None,
-                   help="projector for OUR GaLore/Fira/Adafactor (default: their svd); references always use svd")
+    p.add_argument(
+        "--no-refresh-sample",
+        dest="refresh_sample",
+        action="store_false",
+        help="skip the timed steady-state refresh step (amortised = step)",
+    )
+    p.add_argument(
+        "--include-refresh", action="store_true", help="step ms = mean over the timed steps INCLUDING the refresh step"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma separated subset of {METHODS} (default all; --whole-model: {WHOLE_METHODS})",
+    )
+    p.add_argument(
+        "--projector",
+        default=None,
+        help="projector for OUR GaLore/Fira/Adafactor (default: their svd); references always use svd",
+    )
     p.add_argument("--projectors", default=",".join(PROJECTOR_NAMES), help="table 2's projectors ('' skips it)")
     p.add_argument("--refresh-iters", type=int, default=3, help="timed refreshes per projector and shape")
     p.add_argument("--peak-gbps", type=float, default=None, help="device peak bandwidth; default from its name")
@@ -90,9 +115,14 @@ def parse_args(argv):
     if not args.whole_model and BASELINE not in args.methods:  # ratios need the baseline from the same run
         args.methods.insert(0, BASELINE)
     args.projectors = [x for x in args.projectors.split(",") if x]
-    for flag, value in (("--warmup", args.warmup), ("--iters", args.iters), ("--rounds", args.rounds),
-                        ("--rank", args.rank), ("--update-proj-gap", args.update_proj_gap),
-                        ("--refresh-iters", args.refresh_iters)):
+    for flag, value in (
+        ("--warmup", args.warmup),
+        ("--iters", args.iters),
+        ("--rounds", args.rounds),
+        ("--rank", args.rank),
+        ("--update-proj-gap", args.update_proj_gap),
+        ("--refresh-iters", args.refresh_iters),
+    ):
         check_number(flag, value, low=1)
     check_number("--lr", args.lr, low=0, low_open=True)
     if args.layers is not None:
@@ -120,8 +150,11 @@ def select_weights(args, device):
         shapes, n, total = model_shapes(args.model, layers, embeddings)
     except ValueError as e:
         raise UsageError(f"--model: {e}") from None
-    scope = (f"{n} of {total} transformer layers" + (" (subset: --layers)" if n < total else "")
-             + (", with embeddings + lm_head" if embeddings else ", WITHOUT embeddings / lm_head"))
+    scope = (
+        f"{n} of {total} transformer layers"
+        + (" (subset: --layers)" if n < total else "")
+        + (", with embeddings + lm_head" if embeddings else ", WITHOUT embeddings / lm_head")
+    )
     return shapes, scope, f"{args.model}, {scope}"
 
 
@@ -136,13 +169,26 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     bench = Bench(shapes, device, args.seed)
     n_low = sum(1 for n, s in shapes.items() if is_target(n, s) and min(s) > args.rank)
-    setup = {"what": what, "scope": scope, "rank": args.rank, "update_proj_gap": args.update_proj_gap,
-             "warmup": args.warmup, "iters": args.iters, "include_refresh": args.include_refresh,
-             "n_params": sum(w.numel() for w in bench.weights.values()), "n_tensors": len(shapes),
-             "n_lowrank": n_low, "projector_override": args.projector, "methods": args.methods}
-    result = {"command": "python -m benchmarks.step_bench " + shlex.join(argv),
-              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": machine_info(device), "setup": setup}
+    setup = {
+        "what": what,
+        "scope": scope,
+        "rank": args.rank,
+        "update_proj_gap": args.update_proj_gap,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "include_refresh": args.include_refresh,
+        "n_params": sum(w.numel() for w in bench.weights.values()),
+        "n_tensors": len(shapes),
+        "n_lowrank": n_low,
+        "projector_override": args.projector,
+        "methods": args.methods,
+    }
+    result = {
+        "command": "python -m benchmarks.step_bench " + shlex.join(argv),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "setup": setup,
+    }
 
     if args.whole_model:
         setup["rounds"] = args.rounds

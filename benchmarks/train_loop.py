@@ -1,4 +1,5 @@
 """The training loop of benchmarks.pretrain: steps, evals, checkpoints, and the stop on a non-finite loss."""
+
 import contextlib
 import json
 import math
@@ -41,7 +42,7 @@ def evaluate(model, val_blocks, args, device, rank, world):
     mine = val_blocks[:n][rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(mine), args.batch_size):
-        x = mine[i:i + args.batch_size].to(device)
+        x = mine[i : i + args.batch_size].to(device)
         with autocast(device, args.dtype):
             loss = model(input_ids=x, labels=x).loss
         total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
@@ -54,8 +55,9 @@ def evaluate(model, val_blocks, args, device, rank, world):
 class Loop:
     """The training loop of one run, from (step, data_pos) to args.max_steps, with evals and checkpoints."""
 
-    def __init__(self, args, device, rank, world, ddp_model, model, optimizer, scheduler, train_blocks, val_blocks,
-                 log):
+    def __init__(
+        self, args, device, rank, world, ddp_model, model, optimizer, scheduler, train_blocks, val_blocks, log
+    ):
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.ddp_model, self.model, self.optimizer, self.scheduler = ddp_model, model, optimizer, scheduler
         self.train_blocks, self.val_blocks, self.log = train_blocks, val_blocks, log
@@ -73,8 +75,9 @@ class Loop:
     def run_eval(self):
         loss = evaluate(self.model, self.val_blocks, self.args, self.device, self.rank, self.world)
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"step {self.step}: eval loss is {loss}; the run stopped without a summary "
-                                   "(try a lower --lr)")
+            raise TrainingDiverged(
+                f"step {self.step}: eval loss is {loss}; the run stopped without a summary (try a lower --lr)"
+            )
         self.evals.append({"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
         self.record(self.evals[-1])
         say(self.rank, f"step {self.step}: eval_loss {loss:.4f} ppl {self.evals[-1]['eval_ppl']:.2f}")
@@ -114,7 +117,8 @@ class Loop:
                 self.record({"step": self.step + 1, "loss": self.loss_value, "diverged": True})
                 raise TrainingDiverged(
                     f"step {self.step + 1}: training loss is {self.loss_value}; the run stopped without a summary "
-                    "(try a lower --lr, --grad-clip 1.0 or --dtype fp32)")
+                    "(try a lower --lr, --grad-clip 1.0 or --dtype fp32)"
+                )
             grad_norm = None
             if not args.layerwise:  # (layer-wise: the weights were already updated inside the last backward)
                 if args.grad_clip > 0:
@@ -130,15 +134,26 @@ class Loop:
             dt = time.time() - t0
             self.train_time += dt
             tps = self.tokens_per_step / dt
-            self.record({"step": self.step, "loss": self.loss_value, "lr": self.scheduler.get_last_lr()[0],
-                         "grad_norm": grad_norm, "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
-                         "step_s": dt})
+            self.record(
+                {
+                    "step": self.step,
+                    "loss": self.loss_value,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens": self.step * self.tokens_per_step,
+                    "tokens_per_s": tps,
+                    "step_s": dt,
+                }
+            )
             bar.set_postfix(loss=f"{self.loss_value:.3f}", tok_s=f"{tps:,.0f}")
             bar.update(1)
             if not show_bar and rank == 0 and args.log_every and self.step % args.log_every == 0:
                 eta = (args.max_steps - self.step) * (self.train_time - start_time) / (self.step - start_step)
-                print(f"step {self.step}/{args.max_steps} loss {self.loss_value:.4f} {tps:,.0f} tok/s "
-                      f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"step {self.step}/{args.max_steps} loss {self.loss_value:.4f} {tps:,.0f} tok/s eta {eta:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if args.eval_every and self.step % args.eval_every == 0:
                 self.run_eval()
             if args.save_every and self.step % args.save_every == 0:
@@ -149,10 +164,17 @@ class Loop:
 
     def save(self, corpus):
         if self.rank == 0:
-            payload = {"data_pos": self.data_pos, "model": self.model.state_dict(),
-                       "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                       "args": opts.training_options(self.args), "evals": self.evals, "train_time": self.train_time,
-                       "corpus_hash": corpus.hash}
-            ckpt.save(self.args.output_dir, self.step, payload, opts.training_options(self.args),
-                      self.args.keep_checkpoints)
+            payload = {
+                "data_pos": self.data_pos,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "args": opts.training_options(self.args),
+                "evals": self.evals,
+                "train_time": self.train_time,
+                "corpus_hash": corpus.hash,
+            }
+            ckpt.save(
+                self.args.output_dir, self.step, payload, opts.training_options(self.args), self.args.keep_checkpoints
+            )
         _barrier(self.world)

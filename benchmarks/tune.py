@@ -11,6 +11,7 @@ pareto.png (state memory vs ppl). The recommendation follows one noise rule (see
 setting is recommended only if it beats the runner-up beyond noise; otherwise tune says so and recommends the
 cheapest setting (least optimizer state) within noise of the best.
 """
+
 import itertools
 import json
 import os
@@ -45,9 +46,13 @@ def tune_parser():
 
 
 # search-space name -> (flag of tune, pretrain flag, type)
-SPACE = {"rank": ("ranks", "--rank", int), "gap": ("gaps", "--update-proj-gap", int),
-         "scale": ("scales", "--scale", float), "lr": ("lrs", "--lr", float),
-         "projector": ("projectors", "--projector", str)}
+SPACE = {
+    "rank": ("ranks", "--rank", int),
+    "gap": ("gaps", "--update-proj-gap", int),
+    "scale": ("scales", "--scale", float),
+    "lr": ("lrs", "--lr", float),
+    "projector": ("projectors", "--projector", str),
+}
 
 
 def search_space(args):
@@ -76,8 +81,9 @@ def make_objective(args, forward, space, out, seeds):
     def objective(trial):
         params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
         run_dir = os.path.join(out, "trials", run_name(params))
-        runs = run_seeds([*forward, "--optimizer", args.optimizer, *trial_flags(params)], run_dir, seeds,
-                         args.in_process)
+        runs = run_seeds(
+            [*forward, "--optimizer", args.optimizer, *trial_flags(params)], run_dir, seeds, args.in_process
+        )
         ppls = [runs[k]["eval_ppl"] for k in seeds]
         first = runs[seeds[0]]
         for key in ("state_bytes", "tokens_per_s", "peak_mem_bytes", "train_time_s"):
@@ -87,6 +93,7 @@ def make_objective(args, forward, space, out, seeds):
         trial.set_user_attr("seeds", seeds)
         trial.set_user_attr("run_dir", run_dir)
         return mean_std(ppls)[0]
+
     return objective
 
 
@@ -100,10 +107,14 @@ def run_study(args, forward, space, out, seeds):
     grid = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
     # grid: the missing points are enqueued below, so any sampler only replays them (optuna's GridSampler itself
     # fails on enqueued trials of a one-point grid)
-    sampler = optuna.samplers.RandomSampler(seed=args.sampler_seed) if args.sampler == "grid" else \
-        optuna.samplers.TPESampler(seed=args.sampler_seed)
-    study = optuna.create_study(study_name=args.study_name, storage=storage, direction="minimize",
-                                sampler=sampler, load_if_exists=True)
+    sampler = (
+        optuna.samplers.RandomSampler(seed=args.sampler_seed)
+        if args.sampler == "grid"
+        else optuna.samplers.TPESampler(seed=args.sampler_seed)
+    )
+    study = optuna.create_study(
+        study_name=args.study_name, storage=storage, direction="minimize", sampler=sampler, load_if_exists=True
+    )
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)  # left RUNNING by a killed run (one worker assumed)
     done = complete_trials(study)
@@ -144,19 +155,25 @@ def recommend_beyond_noise(rows):
     if len(near) == 1:
         return best, "beats the runner-up beyond noise"
     cheap = min(near, key=lambda r: (r["state_bytes"], r["eval_ppl"]))
-    return cheap, (f"no setting beats the runner-up beyond noise ({len(near)} settings are within noise of the "
-                   "best), so the cheapest of those is recommended")
+    return cheap, (
+        f"no setting beats the runner-up beyond noise ({len(near)} settings are within noise of the "
+        "best), so the cheapest of those is recommended"
+    )
 
 
 def describe(row, space):
     params = ", ".join(f"{k}={row['params'][k]}" for k in space)
-    return (f"{params}: eval ppl {fmt_mean_std(row['eval_ppl'], row.get('eval_ppl_std'))}, "
-            f"state {row['state_bytes'] / MIB:.2f} MiB")
+    return (
+        f"{params}: eval ppl {fmt_mean_std(row['eval_ppl'], row.get('eval_ppl_std'))}, "
+        f"state {row['state_bytes'] / MIB:.2f} MiB"
+    )
 
 
 def report(study, args, argv, space, out):
-    rows = sorted(({"trial": t.number, "params": t.params, "eval_ppl": t.value, **t.user_attrs}
-                   for t in complete_trials(study)), key=lambda r: r["eval_ppl"])
+    rows = sorted(
+        ({"trial": t.number, "params": t.params, "eval_ppl": t.value, **t.user_attrs} for t in complete_trials(study)),
+        key=lambda r: r["eval_ppl"],
+    )
     if not rows:
         raise SystemExit("no completed trial")
     best, cheap = recommend(rows, args.tolerance)
@@ -168,22 +185,41 @@ def report(study, args, argv, space, out):
         f"{first['steps']} steps x {first['global_batch']} x {first['seq_len']} tokens per run; seeds "
         f"{', '.join(map(str, rows[0]['seeds']))} per setting; lr {first['optimizer']['lr']:g}; recipe "
         f"{first['args'].get('recipe', 'none')}; device {first['device']}. Objective: mean final eval ppl over "
-        f"the seeds (± sample std). Noise rule: {NOISE_RULE}.", "",
-        f"Recommended: {describe(chosen, space)} ({why})", "",
-        f"Best mean: {describe(best, space)}", "",
-        f"Cheapest within {args.tolerance:.0%} of the best mean: {describe(cheap, space)}", "",
+        f"the seeds (± sample std). Noise rule: {NOISE_RULE}.",
+        "",
+        f"Recommended: {describe(chosen, space)} ({why})",
+        "",
+        f"Best mean: {describe(best, space)}",
+        "",
+        f"Cheapest within {args.tolerance:.0%} of the best mean: {describe(cheap, space)}",
+        "",
         "| trial | " + " | ".join(space) + " | eval ppl (mean ± std) | state MiB | tokens/s |",
-        "|---:|" + "---:|" * len(space) + "---:|---:|---:|"]
+        "|---:|" + "---:|" * len(space) + "---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['trial']} | " + " | ".join(str(r["params"][k]) for k in space)
-                     + f" | {fmt_mean_std(r['eval_ppl'], r.get('eval_ppl_std'))} | {r['state_bytes'] / MIB:.2f} "
-                     f"| {r['tokens_per_s'] or 0:,.0f} |")
+        lines.append(
+            f"| {r['trial']} | "
+            + " | ".join(str(r["params"][k]) for k in space)
+            + f" | {fmt_mean_std(r['eval_ppl'], r.get('eval_ppl_std'))} | {r['state_bytes'] / MIB:.2f} "
+            f"| {r['tokens_per_s'] or 0:,.0f} |"
+        )
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"command": command, "trials": rows, "recommended": chosen, "recommended_because": why,
-                   "noise_rule": NOISE_RULE, "best": best, "cheapest_within_tolerance": cheap,
-                   "tolerance": args.tolerance}, f, indent=2)
+        json.dump(
+            {
+                "command": command,
+                "trials": rows,
+                "recommended": chosen,
+                "recommended_because": why,
+                "noise_rule": NOISE_RULE,
+                "best": best,
+                "cheapest_within_tolerance": cheap,
+                "tolerance": args.tolerance,
+            },
+            f,
+            indent=2,
+        )
 
     # heatmap: best ppl per (rank, gap) cell, over whatever else was searched (and over TPE's repeats)
     ranks, gaps = sorted(space.get("rank", [])), sorted(space.get("gap", []))
@@ -191,11 +227,23 @@ def report(study, args, argv, space, out):
     for r in rows:
         key = (r["params"].get("rank"), r["params"].get("gap"))
         cell[key] = min(cell.get(key, float("inf")), r["eval_ppl"])
-    plots.heatmap(ranks, gaps, [[cell.get((rk, g)) for g in gaps] for rk in ranks], os.path.join(out, "heatmap.png"),
-                  "rank", "update_proj_gap", f"{args.optimizer}: best mean eval ppl per cell")
-    plots.memory_vs_ppl([run_name(r["params"]) for r in rows], [r["state_bytes"] for r in rows],
-                        [r["eval_ppl"] for r in rows], os.path.join(out, "pareto.png"),
-                        f"{args.optimizer}: state memory vs ppl", front=True)
+    plots.heatmap(
+        ranks,
+        gaps,
+        [[cell.get((rk, g)) for g in gaps] for rk in ranks],
+        os.path.join(out, "heatmap.png"),
+        "rank",
+        "update_proj_gap",
+        f"{args.optimizer}: best mean eval ppl per cell",
+    )
+    plots.memory_vs_ppl(
+        [run_name(r["params"]) for r in rows],
+        [r["state_bytes"] for r in rows],
+        [r["eval_ppl"] for r in rows],
+        os.path.join(out, "pareto.png"),
+        f"{args.optimizer}: state memory vs ppl",
+        front=True,
+    )
     return rows, best, cheap, chosen, why
 
 
@@ -209,10 +257,17 @@ def main(argv=None):
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
     out = os.path.abspath(args.output_dir or os.path.join("runs", f"tune-{args.optimizer}"))
     # every grid point's options checked before the first run (TPE: the first value of each dimension)
-    points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())] \
-        if args.sampler == "grid" else [{k: v[0] for k, v in space.items()}]
-    check_runs([(run_name(p) or "run", [*forward, "--optimizer", args.optimizer, *trial_flags(p),
-                                         "--output-dir", out]) for p in points])
+    points = (
+        [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
+        if args.sampler == "grid"
+        else [{k: v[0] for k, v in space.items()}]
+    )
+    check_runs(
+        [
+            (run_name(p) or "run", [*forward, "--optimizer", args.optimizer, *trial_flags(p), "--output-dir", out])
+            for p in points
+        ]
+    )
     check_writable_dir("--output-dir", out)
     study, n_new = run_study(args, forward, space, out, seeds)
     rows, best, cheap, chosen, why = report(study, args, argv, space, out)
@@ -220,8 +275,14 @@ def main(argv=None):
     print(f"recommended: {describe(chosen, space)} -- {why} ({NOISE_RULE})")
     print(f"best mean ppl: {describe(best, space)}")
     print(f"cheapest within {args.tolerance:.0%} of best: {describe(cheap, space)}")
-    return {"new_trials": n_new, "rows": rows, "best": best, "cheapest": cheap, "recommended": chosen,
-            "recommended_because": why}
+    return {
+        "new_trials": n_new,
+        "rows": rows,
+        "best": best,
+        "cheapest": cheap,
+        "recommended": chosen,
+        "recommended_because": why,
+    }
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ torch's ``Optimizer.load_state_dict`` casts floating state to each parameter's d
 weights, 8-bit codes and int64 indices come back exactly as saved (only the device follows the parameter). Group
 keys missing from an older or foreign dict come from the optimizer's defaults; a saved entry whose shape does not
 fit its parameter is refused with the parameter and the key named."""
+
 from __future__ import annotations
 
 import warnings
@@ -32,12 +33,13 @@ def check_and_load(opt, state_dict: Dict[str, Any]) -> None:
     _foreign(state_dict)
     groups, saved_groups = opt.param_groups, state_dict["param_groups"]
     if len(groups) != len(saved_groups):
-        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has "
-                         f"{len(groups)}")
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(groups)}")
     for i, (g, sg) in enumerate(zip(groups, saved_groups)):
         if len(g["params"]) != len(sg["params"]):
-            raise ValueError(f"param group {i}: the loaded state dict has {len(sg['params'])} parameters, the "
-                             f"optimizer's group has {len(g['params'])}")
+            raise ValueError(
+                f"param group {i}: the loaded state dict has {len(sg['params'])} parameters, the "
+                f"optimizer's group has {len(g['params'])}"
+            )
     id_map = {pid: p for g, sg in zip(groups, saved_groups) for pid, p in zip(sg["params"], g["params"])}
     new_groups = []
     for i, (g, sg) in enumerate(zip(groups, saved_groups)):
@@ -48,9 +50,12 @@ def check_and_load(opt, state_dict: Dict[str, Any]) -> None:
             ng["param_names"] = g["param_names"]
         changed = [k for k in _METHOD_KEYS if k in sg and sg[k] != g.get(k)]
         if changed:
-            warnings.warn(f"param group {i}: the loaded state dict selects other parts ("
-                          + ", ".join(f"{k}={sg[k]!r} instead of {g.get(k)!r}" for k in changed)
-                          + "): the loaded settings are used")
+            warnings.warn(
+                f"param group {i}: the loaded state dict selects other parts ("
+                + ", ".join(f"{k}={sg[k]!r} instead of {g.get(k)!r}" for k in changed)
+                + "): the loaded settings are used",
+                stacklevel=2,
+            )
         opt._validate_group(ng, i)
         new_groups.append(ng)
     state = {}
@@ -60,8 +65,7 @@ def check_and_load(opt, state_dict: Dict[str, Any]) -> None:
         p = id_map[pid]
         gi = next(i for i, sg in enumerate(saved_groups) if pid in sg["params"])
         _check_entry(opt, new_groups[gi], gi, p, saved)
-        state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
-                    for k, v in saved.items()}
+        state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
     opt.state.clear()
     opt.state.update(state)
     for g, ng in zip(opt.param_groups, new_groups):
@@ -95,8 +99,9 @@ def _check_entry(opt, group: Dict, gi: int, p: torch.Tensor, saved: Dict) -> Non
     for key in ("exp_avg", "exp_avg_sq"):
         v = saved.get(key)
         if isinstance(v, torch.Tensor) and expected is not None and tuple(v.shape) != expected:
-            raise OptionError(f"{where}: saved {key} has shape {tuple(v.shape)}, this group's settings make it "
-                              f"{expected}")
+            raise OptionError(
+                f"{where}: saved {key} has shape {tuple(v.shape)}, this group's settings make it {expected}"
+            )
 
 
 __all__ = ["check_and_load"]

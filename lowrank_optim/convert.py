@@ -20,6 +20,7 @@ and its parameters are checked against the checkpoint's shapes. ``eps_style`` be
 placement ("galore" for galore-torch / fira, "torch" for torch.optim), so a resumed run continues as the source
 would have; galore-torch's decoupled weight decay comes after the update, ours before (a difference O(lr^2 wd)).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -95,14 +96,20 @@ def foreign_state_message(state_dict: Any) -> Optional[str]:
     if source == "lowrank_optim":
         return None
     if source is None:
-        return ("this is not a lowrank_optim optimizer state dict, nor one of a format that "
-                f"{_CALL} converts (galore-torch 1.0, fira 1.0.2, torch.optim.AdamW)")
+        return (
+            "this is not a lowrank_optim optimizer state dict, nor one of a format that "
+            f"{_CALL} converts (galore-torch 1.0, fira 1.0.2, torch.optim.AdamW)"
+        )
     if _is_8bit(state_dict):
-        return ("this is a galore-torch GaLoreAdamW8bit state dict, whose bitsandbytes 8-bit states cannot be "
-                "converted exactly to lowrank_optim's format: resume that run with galore-torch")
-    what = {"galore-torch": "a galore-torch (or HF-style AdamW / Adafactor) optimizer state dict",
-            "fira": "a fira optimizer state dict",
-            "torch": "a torch.optim.Adam/AdamW state dict"}[source]
+        return (
+            "this is a galore-torch GaLoreAdamW8bit state dict, whose bitsandbytes 8-bit states cannot be "
+            "converted exactly to lowrank_optim's format: resume that run with galore-torch"
+        )
+    what = {
+        "galore-torch": "a galore-torch (or HF-style AdamW / Adafactor) optimizer state dict",
+        "fira": "a fira optimizer state dict",
+        "torch": "a torch.optim.Adam/AdamW state dict",
+    }[source]
     return f"this is {what}, not in lowrank_optim's format: convert it first with {_CALL}"
 
 
@@ -124,8 +131,11 @@ def convert_state_dict(state_dict: Dict, source: Optional[str] = None, optimizer
     if "lowrank_optim" in (source, detected):
         if source != detected:  # converting our own dict again would drop its bases
             raise ValueError(f"source={source!r}, but the dict is in {detected or 'an unrecognised'} format")
-        return {**state_dict, "state": dict(state_dict["state"]),
-                "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+        return {
+            **state_dict,
+            "state": dict(state_dict["state"]),
+            "param_groups": [dict(g) for g in state_dict["param_groups"]],
+        }
     groups = _groups(state_dict)
     targets = _target_groups(optimizer, groups)
     new_groups, owner = [], {}
@@ -144,14 +154,18 @@ def convert_state_dict(state_dict: Dict, source: Optional[str] = None, optimizer
 
 
 def _is_8bit(state_dict: Dict) -> bool:
-    return (any(k in g for g in _groups(state_dict) for k in _BNB_GROUP_KEYS)
-            or any("state1" in st for st in _states(state_dict)))
+    return any(k in g for g in _groups(state_dict) for k in _BNB_GROUP_KEYS) or any(
+        "state1" in st for st in _states(state_dict)
+    )
 
 
 def _is_optimizer_state_dict(state_dict: Any) -> bool:
-    return (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
-            and isinstance(state_dict.get("param_groups"), (list, tuple))
-            and all(isinstance(g, dict) and "params" in g for g in state_dict["param_groups"]))
+    return (
+        isinstance(state_dict, dict)
+        and isinstance(state_dict.get("state"), dict)
+        and isinstance(state_dict.get("param_groups"), (list, tuple))
+        and all(isinstance(g, dict) and "params" in g for g in state_dict["param_groups"])
+    )
 
 
 def _unrecognised(state_dict: Any) -> str:
@@ -160,8 +174,10 @@ def _unrecognised(state_dict: Any) -> str:
         return f"not an optimizer state dict (expected the keys 'state' and 'param_groups'; got {got})"
     keys = sorted({str(k) for st in _states(state_dict) for k in st})
     group_keys = sorted({str(k) for g in _groups(state_dict) for k in g} - {"params"})
-    return (f"unrecognised optimizer state dict (per-parameter keys {keys}, group keys {group_keys}); "
-            f"convert_state_dict reads galore-torch 1.0, fira 1.0.2 and torch.optim.Adam/AdamW dicts")
+    return (
+        f"unrecognised optimizer state dict (per-parameter keys {keys}, group keys {group_keys}); "
+        f"convert_state_dict reads galore-torch 1.0, fira 1.0.2 and torch.optim.Adam/AdamW dicts"
+    )
 
 
 def _target_groups(optimizer, groups: List[Dict]) -> List[Optional[Dict]]:
@@ -171,11 +187,14 @@ def _target_groups(optimizer, groups: List[Dict]) -> List[Optional[Dict]]:
         raise ValueError(f"the checkpoint has {len(groups)} param groups, the optimizer {len(optimizer.param_groups)}")
     for gi, (g, t) in enumerate(zip(groups, optimizer.param_groups)):
         if len(g["params"]) != len(t["params"]):
-            raise ValueError(f"param group {gi}: the checkpoint has {len(g['params'])} parameters, "
-                             f"the optimizer {len(t['params'])}")
+            raise ValueError(
+                f"param group {gi}: the checkpoint has {len(g['params'])} parameters, the optimizer {len(t['params'])}"
+            )
         if g.get("rank") != t.get("rank"):
-            raise ValueError(f"param group {gi}: the checkpoint's rank is {g.get('rank')!r}, the optimizer's "
-                             f"{t.get('rank')!r}; the saved moments only fit the checkpoint's layout")
+            raise ValueError(
+                f"param group {gi}: the checkpoint's rank is {g.get('rank')!r}, the optimizer's "
+                f"{t.get('rank')!r}; the saved moments only fit the checkpoint's layout"
+            )
     return list(optimizer.param_groups)
 
 
@@ -189,8 +208,10 @@ def _convert_group(group: Dict, gi: int, source: str, target: Optional[Dict]) ->
     where = f"param group {gi}"
     adafactor = "decay_rate" in group
     if any(k in group for k in _BNB_GROUP_KEYS):
-        raise ValueError(f"{where}: bitsandbytes 8-bit states (galore-torch's GaLoreAdamW8bit) cannot be converted "
-                         "exactly; resume that run with galore-torch or restart the optimizer state")
+        raise ValueError(
+            f"{where}: bitsandbytes 8-bit states (galore-torch's GaLoreAdamW8bit) cannot be converted "
+            "exactly; resume that run with galore-torch or restart the optimizer state"
+        )
     if target is not None:
         out = {k: v for k, v in target.items() if k != "params"}
     else:
@@ -204,13 +225,20 @@ def _convert_group(group: Dict, gi: int, source: str, target: Optional[Dict]) ->
         if group.get("amsgrad"):
             raise ValueError(f"{where}: amsgrad=True is not supported (its max_exp_avg_sq has no equivalent here)")
         if group.get("decoupled_weight_decay") is False and group.get("weight_decay", 0):
-            raise ValueError(f"{where}: torch.optim.Adam's weight decay is an L2 term in the gradient, not decoupled "
-                             f"(weight_decay={group['weight_decay']!r}); only torch.optim.AdamW's converts")
+            raise ValueError(
+                f"{where}: torch.optim.Adam's weight decay is an L2 term in the gradient, not decoupled "
+                f"(weight_decay={group['weight_decay']!r}); only torch.optim.AdamW's converts"
+            )
         out.update(inner="adam", residual="none", eps_style="torch", correct_bias=True)
     else:
         # the reference's raw SVD signs, so the continuation equals the reference's own
-        out.update(inner="adafactor" if adafactor else "adam", subspace_change="keep",
-                   projector="svd", residual="fira" if source == "fira" else "none", basis_sign="none")
+        out.update(
+            inner="adafactor" if adafactor else "adam",
+            subspace_change="keep",
+            projector="svd",
+            residual="fira" if source == "fira" else "none",
+            basis_sign="none",
+        )
         if not adafactor:
             out["eps_style"] = "galore"
         if source == "fira":  # the released code's fixed limiter, no floor
@@ -242,8 +270,10 @@ def _convert_param_state(st: Dict, group: Dict, source: str, where: str, param: 
     low_shape = None
     if proj is not None:
         if not _is_projector_object(proj):
-            raise ValueError(f"{where}: state['projector'] is a {type(proj).__name__}, not a galore-torch / fira "
-                             "projector (no ortho_matrix / proj_type)")
+            raise ValueError(
+                f"{where}: state['projector'] is a {type(proj).__name__}, not a galore-torch / fira "
+                "projector (no ortho_matrix / proj_type)"
+            )
         if "rank" not in group:
             raise ValueError(f"{where}: a projector in a param group without 'rank'")
         low_shape = _moment_shape(st)
@@ -253,8 +283,9 @@ def _convert_param_state(st: Dict, group: Dict, source: str, where: str, param: 
             # galore-torch refreshes before the steps 0, gap, 2 gap, ... that have run: ceil(step / gap) bases
             out["proj_refreshes"] = max(1, (step + gap - 1) // gap)
     elif param is not None and _moment_shape(st) not in (None, tuple(param.shape)):
-        raise ValueError(f"{where}: the saved moments have shape {_moment_shape(st)}, the optimizer's "
-                         f"parameter {tuple(param.shape)}")
+        raise ValueError(
+            f"{where}: the saved moments have shape {_moment_shape(st)}, the optimizer's parameter {tuple(param.shape)}"
+        )
     _copy_moments(st, out, group, where)
     if "scaling_grad" in st:
         norm = st["scaling_grad"]
@@ -306,18 +337,25 @@ def _basis(proj, low_shape: Tuple[int, ...], group: Dict, where: str, param: Opt
         elif ortho.shape[1] <= ortho.shape[0] and low_shape[0] == ortho.shape[1]:
             side, shape, new = "left", (ortho.shape[0], low_shape[1]), {"proj_left": ortho}
         else:
-            raise ValueError(f"{where}: the projector's basis {tuple(ortho.shape)} does not fit the moments "
-                             f"{low_shape} on either side")
+            raise ValueError(
+                f"{where}: the projector's basis {tuple(ortho.shape)} does not fit the moments "
+                f"{low_shape} on either side"
+            )
     expected = side_for(shape, group["proj_type"])
     if expected != side:
-        raise ValueError(f"{where}: the checkpoint projects the {side} side of a {shape} weight, but proj_type "
-                         f"{group['proj_type']!r} projects the {expected} side here")
+        raise ValueError(
+            f"{where}: the checkpoint projects the {side} side of a {shape} weight, but proj_type "
+            f"{group['proj_type']!r} projects the {expected} side here"
+        )
     if min(shape) <= group["rank"]:
-        raise ValueError(f"{where}: the {shape} weight is not larger than rank {group['rank']} on both sides; "
-                         "this package trains such weights densely, so its low-rank moments cannot be loaded")
+        raise ValueError(
+            f"{where}: the {shape} weight is not larger than rank {group['rank']} on both sides; "
+            "this package trains such weights densely, so its low-rank moments cannot be loaded"
+        )
     if param is not None and matrix_shape(param) != shape:
-        raise ValueError(f"{where}: the checkpoint's weight has shape {shape}, the optimizer's parameter "
-                         f"{tuple(param.shape)}")
+        raise ValueError(
+            f"{where}: the checkpoint's weight has shape {shape}, the optimizer's parameter {tuple(param.shape)}"
+        )
     return {k: v.contiguous().clone() for k, v in new.items()}
 
 

@@ -3,6 +3,7 @@ basis vectors, the r carrying the most gradient energy, re-chosen every step by 
 no SVD). Per weight the state is r integer indices plus the moments; the d x d DCT matrix is shared by every weight
 whose projected side has size d (see ``projectors/dct.py``).
 """
+
 from __future__ import annotations
 
 from .optimizer import LowRankOptimizer
@@ -21,15 +22,37 @@ class DCTAdamW(LowRankOptimizer):
 
     method = "dct"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
-                 update_proj_gap=1, rotate_subspace=False, dct_norm="l1", dct_impl="matmul", scale=1.0, **kw):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        maximize=False,
+        update_proj_gap=1,
+        rotate_subspace=False,
+        dct_norm="l1",
+        dct_impl="matmul",
+        scale=1.0,
+        **kw,
+    ):
         if rotate_subspace:
             kw["rotate_subspace"] = rotate_subspace
         # the DCT projector's own options go along when it is selected (or when set away from their defaults)
         if kw.get("projector", "dct") == "dct" or (dct_norm, dct_impl) != ("l1", "matmul"):
             kw.update(dct_norm=dct_norm, dct_impl=dct_impl)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                         update_proj_gap=update_proj_gap, scale=scale, **kw)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            **kw,
+        )
 
 
 __all__ = ["DCTAdamW"]

@@ -11,6 +11,7 @@ constructor and in every param group.
     ||S_t|| <= fira_gamma ||S_{t-1}||        norm-growth limiter (stored norm is the post-limit one)
     W -= lr * bias_corr * (scale * P N + S)
 """
+
 from __future__ import annotations
 
 from .optimizer import LowRankOptimizer
@@ -21,10 +22,31 @@ class FiraAdamW(LowRankOptimizer):
 
     method = "fira"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, maximize=False,
-                 fira_gamma=1.01, fira_residual="reference", fira_floor=0.0, **kw):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                         fira_gamma=fira_gamma, fira_residual=fira_residual, fira_floor=fira_floor, **kw)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.0,
+        maximize=False,
+        fira_gamma=1.01,
+        fira_residual="reference",
+        fira_floor=0.0,
+        **kw,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            fira_gamma=fira_gamma,
+            fira_residual=fira_residual,
+            fira_floor=fira_floor,
+            **kw,
+        )
 
 
 __all__ = ["FiraAdamW"]

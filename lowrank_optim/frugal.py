@@ -16,6 +16,7 @@ purpose: the low-rank path uses galore-style eps (added to sqrt(v) before bias c
 method here; full-rank Adam uses torch-style eps as the reference does); the state-free step runs at
 ``lr * inactive_lr_scale`` while the reference also multiplies it by ``proj_params_lr_scale`` (equal at 1).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -23,6 +24,7 @@ from typing import Dict
 from .optimizer import LowRankOptimizer
 from .options import OptionError
 from .projectors.blocks import BLOCK_ORDERS, BlocksProjector, active_blocks
+
 
 class FrugalAdamW(LowRankOptimizer):
     """FRUGAL with AdamW as the state-full part.
@@ -41,20 +43,45 @@ class FrugalAdamW(LowRankOptimizer):
 
     method = "frugal"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
-                 density=None, projector="columns", proj_params_lr_scale=1.0, reset_statistics=True,
-                 inactive_update="signsgd", inactive_lr_scale=1.0, block_order="random", update_proj_gap=200,
-                 **kw):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        maximize=False,
+        density=None,
+        projector="columns",
+        proj_params_lr_scale=1.0,
+        reset_statistics=True,
+        inactive_update="signsgd",
+        inactive_lr_scale=1.0,
+        block_order="random",
+        update_proj_gap=200,
+        **kw,
+    ):
         for engine_key, own in (("scale", "proj_params_lr_scale"), ("subspace_change", "reset_statistics")):
             if engine_key in kw:
                 raise TypeError(f"FrugalAdamW: pass {own} (FRUGAL's name for the engine's {engine_key})")
         self._density = density
         if projector == "blocks" or block_order != "random":
             kw["block_order"] = block_order
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                         projector=projector, proj_params_lr_scale=proj_params_lr_scale,
-                         reset_statistics=reset_statistics, inactive_update=inactive_update,
-                         inactive_lr_scale=inactive_lr_scale, update_proj_gap=update_proj_gap, **kw)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            projector=projector,
+            proj_params_lr_scale=proj_params_lr_scale,
+            reset_statistics=reset_statistics,
+            inactive_update=inactive_update,
+            inactive_lr_scale=inactive_lr_scale,
+            update_proj_gap=update_proj_gap,
+            **kw,
+        )
 
     def add_param_group(self, param_group: Dict) -> None:
         """Groups without rank or density are targeted at the constructor's density, or at 0.25 with the

@@ -7,6 +7,7 @@ Moments are fp32 by default (``state_dtype``) or 8-bit blockwise (``state_bits=8
 Every rule takes ``keep``, a 0-dim fp32 tensor on the device (1 = apply the step, 0 = the step was found non-finite):
 with ``keep = 0`` every moment and counter stays bit-for-bit as it was, without the host ever reading the flag.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,11 @@ def where_keep(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def gated(keep: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A multiplier that is ``factor`` when the step is kept and exactly 1 when it is skipped (on the device, in
     the dtype it multiplies, so it rounds as the Python number would)."""
-    return torch.where(keep.bool(), torch.tensor(factor, dtype=dtype, device=keep.device),
-                       torch.ones((), dtype=dtype, device=keep.device))
+    return torch.where(
+        keep.bool(),
+        torch.tensor(factor, dtype=dtype, device=keep.device),
+        torch.ones((), dtype=dtype, device=keep.device),
+    )
 
 
 class Moment:
@@ -47,7 +51,8 @@ class Moment:
     def create(state: Dict, key: str, like: torch.Tensor, group: Dict, signed: bool):
         if group["state_bits"] == 8 and quant.use_8bit(like.numel(), group["min_8bit_size"]):
             state[key + "_codes"], state[key + "_absmax"] = quant.quantize_blockwise(
-                torch.zeros_like(like, dtype=torch.float32), signed=signed)
+                torch.zeros_like(like, dtype=torch.float32), signed=signed
+            )
         else:
             state[key] = torch.zeros_like(like, dtype=moment_dtype(group, like))
 
@@ -141,9 +146,13 @@ class Adam:
         Option("betas", (0.9, 0.999), pair(number(0.0, 1.0, hi_open=True)), "Adam's moment decay rates (beta1, beta2)"),
         Option("eps", 1e-8, number(0.0), "added to sqrt(v) (where: see eps_style)"),
         Option("correct_bias", True, boolean, "Adam bias correction"),
-        Option("eps_style", None, choice(None, "torch", "galore"),
-               "`torch` (torch.optim.AdamW: eps after bias correction) or `galore` (galore-torch / HF: before); "
-               "None = torch for full-rank updates, galore for low-rank ones"),
+        Option(
+            "eps_style",
+            None,
+            choice(None, "torch", "galore"),
+            "`torch` (torch.optim.AdamW: eps after bias correction) or `galore` (galore-torch / HF: before); "
+            "None = torch for full-rank updates, galore for low-rank ones",
+        ),
     )
 
     def check_group(self, group: Dict) -> Optional[str]:
@@ -160,9 +169,17 @@ class Adam:
     def expected_bytes(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> int:
         return 2 * Moment.expected_bytes(math.prod(shape), group, compute) + 4  # + the fp32 step counter
 
-    def step(self, states: List[Dict], grads: List[torch.Tensor], group: Dict, keep: torch.Tensor, eps_style: str,
-             counter: str = "moment_step", col_norm_dims: Optional[List[Optional[int]]] = None,
-             params=None) -> List[Direction]:
+    def step(
+        self,
+        states: List[Dict],
+        grads: List[torch.Tensor],
+        group: Dict,
+        keep: torch.Tensor,
+        eps_style: str,
+        counter: str = "moment_step",
+        col_norm_dims: Optional[List[Optional[int]]] = None,
+        params=None,
+    ) -> List[Direction]:
         """One Adam update of every state in ``states`` (one group, one device), gated by ``keep``."""
         if not states:
             return []
@@ -209,11 +226,21 @@ class Adam:
                 continue
             # 8-bit: the update rewrites the codes in place; a skipped step restores them from a copy of the codes
             e = float(eps_list[i]) if eps_style == "torch" else eps
-            saved = [st[k].clone() for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")]
+            saved = [
+                st[k].clone() for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+            ]
             dim = col_norm_dims[i] if col_norm_dims else None  # the 8-bit update can return per-channel norms
-            res = quant.adam8bit_step(clean[i].float(), st["exp_avg_codes"], st["exp_avg_absmax"],
-                                      st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], beta1, beta2, e,
-                                      col_norm_dim=dim)
+            res = quant.adam8bit_step(
+                clean[i].float(),
+                st["exp_avg_codes"],
+                st["exp_avg_absmax"],
+                st["exp_avg_sq_codes"],
+                st["exp_avg_sq_absmax"],
+                beta1,
+                beta2,
+                e,
+                col_norm_dim=dim,
+            )
             d, norms = res if dim is not None else (res, None)
             for k, old in zip(("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"), saved):
                 st[k].copy_(torch.where(keep.bool(), st[k], old))
@@ -274,8 +301,9 @@ class Adafactor:
             Moment.create(state, "exp_avg", like, group, signed=True)
         if like.dim() >= 2:  # factored: row and column statistics are tiny, kept in fp32
             state["exp_avg_sq_row"] = torch.zeros(like.shape[:-1], dtype=torch.float32, device=like.device)
-            state["exp_avg_sq_col"] = torch.zeros(like.shape[:-2] + like.shape[-1:], dtype=torch.float32,
-                                                  device=like.device)
+            state["exp_avg_sq_col"] = torch.zeros(
+                like.shape[:-2] + like.shape[-1:], dtype=torch.float32, device=like.device
+            )
         else:
             Moment.create(state, "exp_avg_sq", like, group, signed=False)
 
@@ -299,9 +327,17 @@ class Adafactor:
             lr = max(group["eps"][1], param_rms) * lr
         return lr
 
-    def step(self, states: List[Dict], grads: List[torch.Tensor], group: Dict, keep: torch.Tensor, eps_style: str,
-             counter: str = "moment_step", col_norm_dims: Optional[List[Optional[int]]] = None,
-             params=None) -> List[Direction]:
+    def step(
+        self,
+        states: List[Dict],
+        grads: List[torch.Tensor],
+        group: Dict,
+        keep: torch.Tensor,
+        eps_style: str,
+        counter: str = "moment_step",
+        col_norm_dims: Optional[List[Optional[int]]] = None,
+        params=None,
+    ) -> List[Direction]:
         # needs_host: the engine reads the non-finite flag before calling, so ``keep`` is 1 here
         dims = col_norm_dims or [None] * len(states)
         return [self._one(st, g, group, p, dim) for st, g, p, dim in zip(states, grads, params, dims)]

@@ -13,6 +13,7 @@ for non-finite gradients (a non-finite gradient skips, or with ``nonfinite="rais
 parameters already updated in the same backward stay updated), and ``GradScaler`` (it unscales after backward).
 With accumulation the gradients of the micro-batches still accumulate in ``.grad`` until the last one.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -23,11 +24,11 @@ from .optimizer import LowRankOptimizer
 
 
 class LayerwiseOptimizer:
-    def __init__(self, optimizer: LowRankOptimizer, accumulation_steps: int = 1,
-                 clip_grad_norm: Optional[float] = None):
+    def __init__(
+        self, optimizer: LowRankOptimizer, accumulation_steps: int = 1, clip_grad_norm: Optional[float] = None
+    ):
         if not isinstance(optimizer, LowRankOptimizer):
-            raise TypeError("LayerwiseOptimizer wraps a lowrank_optim optimizer "
-                            f"(got {type(optimizer).__name__})")
+            raise TypeError(f"LayerwiseOptimizer wraps a lowrank_optim optimizer (got {type(optimizer).__name__})")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
@@ -66,8 +67,11 @@ class LayerwiseOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> Dict:
-        return {"optimizer": self.optimizer.state_dict(), "micro_steps": self.micro_steps,
-                "accumulation_steps": self.accumulation_steps}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "micro_steps": self.micro_steps,
+            "accumulation_steps": self.accumulation_steps,
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

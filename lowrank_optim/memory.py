@@ -5,6 +5,7 @@ scalars. ``optimizer.state_bytes()`` measures the real state; the two agree exac
 
 Not counted by either: the DCT basis cache (one d x d matrix per distinct size and device, shared by every
 weight) and per-step temporaries (the fp32 gradient copy, the projected gradient)."""
+
 from __future__ import annotations
 
 import inspect
@@ -38,8 +39,9 @@ def build(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = 
     return cls(groups, **kwargs)
 
 
-def estimate_state_bytes(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = ("attn", "mlp"),
-                         **kwargs) -> int:
+def estimate_state_bytes(
+    model: nn.Module, optimizer="galore", target_modules: Sequence[str] = ("attn", "mlp"), **kwargs
+) -> int:
     """Bytes of optimizer state once every parameter has taken a step. ``kwargs``: rank, update_proj_gap, scale,
     proj_type and any option of the chosen optimizer (projector, state_bits, state_dtype, density, ...)."""
     import warnings

@@ -17,6 +17,7 @@ moments and bias-correction counts bit-for-bit unchanged. The host reads the fla
 anyway: at refreshes, with ``nonfinite="raise"``, with an inner rule that needs the host (Adafactor), and on CPU
 tensors outside ``torch.compile`` (free there); elsewhere it learns of a skipped step at the next step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,19 @@ import torch
 from . import options as O
 from .inner import INNER_RULES, Direction
 from .options import OptionError
-from .parts import (ABSENT, ENGINE_OPTIONS, PROJ_TYPES, ROUTES, _parts_of, all_options, defaults_for,
-                    is_lowrank, part_options, register_route, selected_options)
+from .parts import (
+    ABSENT,
+    ENGINE_OPTIONS,
+    PROJ_TYPES,
+    ROUTES,
+    _parts_of,
+    all_options,
+    defaults_for,
+    is_lowrank,
+    part_options,
+    register_route,
+    selected_options,
+)
 from .projectors import PROJECTORS, Projector, make_projector
 from .residual import RESIDUAL_RULES
 from .route import LowRankRoute, _compute_dtype, _default_refresh_due, _grad, _Item, apply_update
@@ -39,6 +51,7 @@ from .shapes import density_rank, matrix_shape, projected_dim, side_for
 NONFINITE_POLICIES = ("skip", "raise")
 # |g| at or above this overflows g * g in fp32: such a gradient would write inf into Adam's second moment.
 OVERFLOW = math.sqrt(torch.finfo(torch.float32).max)
+
 
 # ---------------------------------------------------------------------------------------------------- engine
 class LowRankOptimizer(torch.optim.Optimizer):
@@ -58,9 +71,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def __init__(self, params, nonfinite: str = "skip", **defaults):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"invalid nonfinite policy {nonfinite!r}; valid: {list(NONFINITE_POLICIES)}")
-        from .registry import method_defaults
-
-        from .registry import apply_key_aliases
+        from .registry import apply_key_aliases, method_defaults
 
         preset = method_defaults(self.method) if self.method else {}
         given = apply_key_aliases(self.method, defaults, "optimizer defaults")
@@ -84,8 +95,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if user[k] == declared.get(k, ABSENT):
                 continue
             if not any(k in {o.name for o in selected_options(g)} for g in self.param_groups):
-                raise OptionError(f"unknown optimizer options: [{k!r}]: {k!r} belongs to {all_options()[k]}, which "
-                                  "no param group uses")
+                raise OptionError(
+                    f"unknown optimizer options: [{k!r}]: {k!r} belongs to {all_options()[k]}, which "
+                    "no param group uses"
+                )
 
     @staticmethod
     def _check_constructor_keys(given: Dict, merged: Dict) -> Dict:
@@ -98,8 +111,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for part in table.values():
                 for o in part_options(part):
                     declared.setdefault(o.name, []).append(o.default)
-        given = {k: v for k, v in given.items()
-                 if k in selected or not any(v is d or (type(v) is type(d) and v == d) for d in declared.get(k, []))}
+        given = {
+            k: v
+            for k, v in given.items()
+            if k in selected or not any(v is d or (type(v) is type(d) and v == d) for d in declared.get(k, []))
+        }
         # an option of another part may serve groups that select that part: checked once the groups are in
         bad = [k for k in given if k not in selected and k not in declared]
         if bad:
@@ -146,17 +162,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
         param_group = apply_key_aliases(self.method, {**param_group, "params": params}, where)
         for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
-                raise ValueError(f"{where}: complex parameters are not supported (got a {p.dtype} parameter of "
-                                 f"shape {tuple(p.shape)})")
+                raise ValueError(
+                    f"{where}: complex parameters are not supported (got a {p.dtype} parameter of "
+                    f"shape {tuple(p.shape)})"
+                )
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
-                raise ValueError(f"{where}: only real floating-point parameters can be optimized (got a {p.dtype} "
-                                 f"parameter of shape {tuple(p.shape)})")
+                raise ValueError(
+                    f"{where}: only real floating-point parameters can be optimized (got a {p.dtype} "
+                    f"parameter of shape {tuple(p.shape)})"
+                )
         for kind, part in _parts_of(param_group):  # a part this group selects instead of the defaults' one
             if part is not None and param_group.get(kind) != self.defaults.get(kind):
                 for o in part_options(part):  # its defaults, unless the constructor was given the option
                     param_group.setdefault(o.name, self.defaults[o.name] if o.name in self._given else o.default)
-        filled = defaults_for({k: param_group.get(k, self.defaults.get(k)) for k in
-                               ("inner", "residual", "route", "projector")})
+        filled = defaults_for(
+            {k: param_group.get(k, self.defaults.get(k)) for k in ("inner", "residual", "route", "projector")}
+        )
         filled.update(self.defaults)
         filled.update(param_group)
         O.check_keys(param_group.keys(), {o.name: "" for o in selected_options(filled)}, all_options(), where)
@@ -180,8 +201,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _validate_changed(self) -> None:
         """Re-validate only the groups whose values changed since they were last checked (a scheduler, a hand)."""
         for i, g in enumerate(self.param_groups):
-            fingerprint = tuple((k, (id(v), v._version) if isinstance(v, torch.Tensor) else v)
-                                for k, v in g.items() if k != "params")
+            fingerprint = tuple(
+                (k, (id(v), v._version) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"
+            )
             if self._validated.get(i) != fingerprint:
                 if not torch.compiler.is_compiling():  # a compiled step checks values; keys are checked eagerly
                     keys = [k for k in g if k != "params" and k not in self.defaults]  # defaults fill every group
@@ -194,8 +216,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return
         small = [tuple(p.shape) for p in group["params"] if not is_lowrank(group, p)]
         if small:
-            warnings.warn(f"param group {index}: {len(small)} parameter(s) whose smaller side is <= rank "
-                          f"{group['rank']} (or that are not matrices) are trained densely: {small}", stacklevel=3)
+            warnings.warn(
+                f"param group {index}: {len(small)} parameter(s) whose smaller side is <= rank "
+                f"{group['rank']} (or that are not matrices) are trained densely: {small}",
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ projectors
     def rank_for(self, group: Dict, p: torch.Tensor) -> int:
@@ -212,8 +237,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         index, position = self._param_index(p, group)
         if getattr(cls, "wants_position", False):
             opts.update(position=position, density=group.get("density"), group_seed=group["seed"])
-        key = (group["projector"], rank, side, shape, group["seed"], tuple(sorted((k, repr(v)) for k, v in
-                                                                                   opts.items())))
+        key = (
+            group["projector"],
+            rank,
+            side,
+            shape,
+            group["seed"],
+            tuple(sorted((k, repr(v)) for k, v in opts.items())),
+        )
         cached = self._projectors.get(id(p))
         if cached is None or cached[0] != key:
             seed = group["seed"] * 1_000_003 + index
@@ -242,8 +273,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (moments, bases, indices, 8-bit codes and absmax, counters)."""
-        return sum(_local(v).numel() * v.element_size() for st in self.state.values() for v in st.values()
-                   if isinstance(v, torch.Tensor))
+        return sum(
+            _local(v).numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
 
     def expected_state_bytes(self) -> int:
         """What ``state_bytes()`` will report once every parameter has stepped, from shapes alone (works on
@@ -299,14 +334,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if p.grad is None or (wanted is not None and id(p) not in wanted):
                     continue
                 if p.grad.is_sparse:
-                    raise ValueError(f"param group {gi}: sparse gradients are not supported "
-                                     f"(parameter of shape {tuple(p.shape)})")
+                    raise ValueError(
+                        f"param group {gi}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})"
+                    )
                 if p.numel() == 0:
                     continue  # nothing to update
                 found.append((gi, group, p))
         # a new parameter's state dict joins self.state only once its step went through (see _run)
-        return [_Item(gi, group, p, self.state[p] if p in self.state else {}, is_lowrank(group, p))
-                for gi, group, p in found]
+        return [
+            _Item(gi, group, p, self.state[p] if p in self.state else {}, is_lowrank(group, p))
+            for gi, group, p in found
+        ]
 
     def _host_reads(self, items: List[_Item]) -> bool:
         """Whether this step reads the flag on the host (see the module docstring)."""
@@ -318,8 +356,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return not compiling and all(it.p.device.type == "cpu" for it in items)
 
     def _refresh_due(self, it: _Item) -> bool:
-        return ROUTES[it.group["route"]].refresh_due(self, it) if hasattr(ROUTES[it.group["route"]], "refresh_due") \
+        return (
+            ROUTES[it.group["route"]].refresh_due(self, it)
+            if hasattr(ROUTES[it.group["route"]], "refresh_due")
             else _default_refresh_due(it)
+        )
 
     def _run(self, items: List[_Item]) -> None:
         host = self._host_step = self._host_reads(items)
@@ -359,13 +400,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for it in items:
                 g = it.p.grad
                 if not bool((g.abs() < OVERFLOW).all()):
-                    raise FloatingPointError(f"param group {it.gi}: non-finite gradient (NaN, inf or |x| >= "
-                                             f"{OVERFLOW:.2g}) in a parameter of shape {tuple(it.p.shape)}; no "
-                                             "parameter was updated")
+                    raise FloatingPointError(
+                        f"param group {it.gi}: non-finite gradient (NaN, inf or |x| >= "
+                        f"{OVERFLOW:.2g}) in a parameter of shape {tuple(it.p.shape)}; no "
+                        "parameter was updated"
+                    )
             raise FloatingPointError(f"non-finite {stage} (|x| >= {OVERFLOW:.2g}); no parameter was updated")
         self._skipped += 1
-        warnings.warn(f"non-finite {stage} (NaN, inf or |x| >= {OVERFLOW:.2g}): step skipped, no state changed "
-                      f"({self._skipped} skipped so far)")
+        warnings.warn(
+            f"non-finite {stage} (NaN, inf or |x| >= {OVERFLOW:.2g}): step skipped, no state changed "
+            f"({self._skipped} skipped so far)",
+            stacklevel=2,
+        )
         return True
 
     def _settle(self, block: bool) -> None:
@@ -381,8 +427,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 continue
             if bool(host_copy if found.device.type == "cuda" else found):
                 self._skipped += 1
-                warnings.warn(f"non-finite gradient (NaN, inf or |x| >= {OVERFLOW:.2g}): step skipped on the "
-                              f"device, no weight, moment or bias correction changed ({self._skipped} skipped so far)")
+                warnings.warn(
+                    f"non-finite gradient (NaN, inf or |x| >= {OVERFLOW:.2g}): step skipped on the "
+                    f"device, no weight, moment or bias correction changed ({self._skipped} skipped so far)",
+                    stacklevel=2,
+                )
         self._pending = left
 
     # ------------------------------------------------------------------ dense parameters
@@ -390,7 +439,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         by_group: Dict[int, List[_Item]] = {}
         for it in items:
             by_group.setdefault(it.gi, []).append(it)
-        for gi, its in by_group.items():
+        for its in by_group.values():
             group = its[0].group
             inner = INNER_RULES[group["inner"]]
             fused = [it for it in its if _fusable(group, it.p)]
@@ -400,9 +449,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for dev, dev_items in _by_device(rest).items():
                 keep = keep_on(dev)
                 grads = [_grad(it.p, group, matrix=False) for it in dev_items]
-                dirs = inner.step([it.state for it in dev_items], grads, group, keep,
-                                  eps_style=group.get("eps_style") or "torch", counter="step",
-                                  params=[it.p for it in dev_items])
+                dirs = inner.step(
+                    [it.state for it in dev_items],
+                    grads,
+                    group,
+                    keep,
+                    eps_style=group.get("eps_style") or "torch",
+                    counter="step",
+                    params=[it.p for it in dev_items],
+                )
                 for it, d in zip(dev_items, dirs):
                     apply_update(it.p, group, d.direction, d.step, d.decay_lr, keep)
 
@@ -476,13 +531,43 @@ def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
             ps = [it.p for it in dit]
             steps = [it.state["step"] for it in dit]
             torch._foreach_add_(steps, 1)
-            torch._fused_adamw_(ps, [it.p.grad for it in dit], [it.state["exp_avg"] for it in dit],
-                                [it.state["exp_avg_sq"] for it in dit], [], steps, amsgrad=False, lr=group["lr"],
-                                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                                maximize=group["maximize"], grad_scale=None, found_inf=f)
+            torch._fused_adamw_(
+                ps,
+                [it.p.grad for it in dit],
+                [it.state["exp_avg"] for it in dit],
+                [it.state["exp_avg_sq"] for it in dit],
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                grad_scale=None,
+                found_inf=f,
+            )
             torch._foreach_sub_(steps, [f] * len(steps))
 
 
-__all__ = ["LowRankOptimizer", "LowRankRoute", "ENGINE_OPTIONS", "ROUTES", "register_route", "PROJ_TYPES",
-           "side_for", "matrix_shape", "is_lowrank", "projected_dim", "density_rank", "apply_update",
-           "defaults_for", "all_options", "selected_options", "part_options", "OVERFLOW", "Direction"]
+__all__ = [
+    "LowRankOptimizer",
+    "LowRankRoute",
+    "ENGINE_OPTIONS",
+    "ROUTES",
+    "register_route",
+    "PROJ_TYPES",
+    "side_for",
+    "matrix_shape",
+    "is_lowrank",
+    "projected_dim",
+    "density_rank",
+    "apply_update",
+    "defaults_for",
+    "all_options",
+    "selected_options",
+    "part_options",
+    "OVERFLOW",
+    "Direction",
+]

@@ -1,6 +1,7 @@
 """Declared options: every part (projector, inner rule, residual rule, route) says which group keys it reads, with a
 default, a check and a one-line doc. The engine validates a group by asking the parts the group selects, and the
 README's option tables are generated from the same declarations (``option_table``)."""
+
 from __future__ import annotations
 
 import difflib
@@ -32,8 +33,9 @@ def _value(x) -> float:
     return float(x.detach().cpu()) if isinstance(x, torch.Tensor) else float(x)
 
 
-def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
-           none_ok: bool = False) -> Check:
+def number(
+    lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False, none_ok: bool = False
+) -> Check:
     """A finite real number in [lo, hi] (open ends when asked); a one-element tensor counts as a number."""
     left, right = "(" if lo_open else "[", ")" if hi_open else "]"
     want = f"a finite number in {left}{lo}, {hi}{right}" + (" or None" if none_ok else "")
@@ -51,7 +53,7 @@ def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, h
     return check
 
 
-def integer(lo: int = -(2 ** 63), none_ok: bool = False) -> Check:
+def integer(lo: int = -(2**63), none_ok: bool = False) -> Check:
     want = f"an int >= {lo}" + (" or None" if none_ok else "")
 
     def check(x):
@@ -102,8 +104,13 @@ def check_values(group: Mapping, options: Iterable[Option], where: str) -> None:
                 raise OptionError(f"{where}: invalid {opt.name} {group[opt.name]!r}{detail}")
 
 
-def check_keys(keys: Iterable[str], selected: Mapping[str, str], known: Mapping[str, str], where: str,
-               passthrough: Sequence[str] = ()) -> None:
+def check_keys(
+    keys: Iterable[str],
+    selected: Mapping[str, str],
+    known: Mapping[str, str],
+    where: str,
+    passthrough: Sequence[str] = (),
+) -> None:
     """Refuse a key that belongs to a part the group does not select, or that is a close misspelling of an option.
 
     ``selected``: option name -> owner for the parts this group uses; ``known``: the same for every registered part.
@@ -141,5 +148,17 @@ def defaults_of(options: Iterable[Option]) -> Dict[str, Any]:
     return {opt.name: opt.default for opt in options}
 
 
-__all__ = ["Option", "OptionError", "number", "integer", "choice", "boolean", "pair", "anything", "check_values",
-           "check_keys", "option_table", "defaults_of"]
+__all__ = [
+    "Option",
+    "OptionError",
+    "number",
+    "integer",
+    "choice",
+    "boolean",
+    "pair",
+    "anything",
+    "check_values",
+    "check_keys",
+    "option_table",
+    "defaults_of",
+]

@@ -1,18 +1,19 @@
 """The README's option tables, generated from the parts' declarations.
 
-    python -m lowrank_optim.options_doc            # print the tables
-    python -m lowrank_optim.options_doc README.md  # rewrite the block between the options markers in place
+python -m lowrank_optim.options_doc            # print the tables
+python -m lowrank_optim.options_doc README.md  # rewrite the block between the options markers in place
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from . import frugal, sst  # noqa: F401  (register the blocks projector and the spectral route)
 from .inner import INNER_RULES
 from .parts import ABSENT, ENGINE_OPTIONS, ROUTES, part_options
 from .projectors import PROJECTORS
 from .residual import RESIDUAL_RULES
-from . import frugal, sst  # noqa: F401  (register the blocks projector and the spectral route)
 
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
 
@@ -28,8 +29,12 @@ def _rows(options) -> list:
 def render() -> str:
     lines = ["| option | default | meaning |", "|---|---|---|", "| **engine** (every group) | | |"]
     lines += _rows(ENGINE_OPTIONS)
-    for kind, table in (("inner", INNER_RULES), ("residual", RESIDUAL_RULES), ("route", ROUTES),
-                        ("projector", PROJECTORS)):
+    for kind, table in (
+        ("inner", INNER_RULES),
+        ("residual", RESIDUAL_RULES),
+        ("route", ROUTES),
+        ("projector", PROJECTORS),
+    ):
         for name, part in table.items():
             opts = part_options(part)
             if opts:

@@ -3,6 +3,7 @@ state-memory estimator, the benchmarks and the tuner all look methods up here, b
 
 A row's ``recipe`` is its paper's pretraining recipe (what ``benchmarks.pretrain --recipe paper`` uses); its
 ``key_aliases`` are the group keys its reference package spells differently (Fira's ``alpha`` is ``scale``)."""
+
 from __future__ import annotations
 
 import importlib
@@ -46,62 +47,106 @@ def _rotate(flag):
 # (README, "Defaults from evidence"); a user who changes only the import gets their runs, bit for bit.
 # Recipes: lr, scale, rank (a fraction of the hidden size when given as "d/4") or density, update gap, warmup
 # fraction, each from the paper's LLaMA C4 pretraining setup.
-METHODS: Dict[str, Method] = {m.name: m for m in (
-    Method("adamw", "lowrank_optim.optimizer:LowRankOptimizer", dict(inner="adam"), dict(eps=1e-8),
-           aliases=("adam",), recipe=dict(lr=1e-3, warmup=0.1), doc="AdamW on every parameter (our engine)"),
-    Method("galore", "lowrank_optim.galore:GaLoreAdamW",
-           dict(projector="svd", inner="adam", residual="none", subspace_change="keep"),
-           dict(eps=1e-6, eps_style="galore"), aliases=("galore_adamw", "galoreadamw"),
-           recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
-           doc="GaLore (Zhao et al., ICML 2024): Adam in the top-r SVD subspace of the gradient"),
-    Method("galore8bit", "lowrank_optim.galore:GaLoreAdamW8bit",
-           dict(projector="svd", inner="adam", residual="none", subspace_change="keep"),
-           dict(eps=1e-8, weight_decay=1e-2, state_bits=8, eps_style="torch"),
-           aliases=("galore_8bit", "galore_adamw8bit", "galoreadamw8bit"),
-           recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
-           doc="GaLore with 8-bit blockwise Adam states"),
-    Method("galore_adafactor", "lowrank_optim.galore:GaLoreAdafactor",
-           dict(projector="svd", inner="adafactor", residual="none", subspace_change="keep"), dict(lr=None),
-           aliases=("galoreadafactor",), recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200,
-                                                       warmup=0.1),
-           doc="GaLore with Adafactor (factored second moment)"),
-    Method("fira", "lowrank_optim.fira:FiraAdamW",
-           dict(projector="svd", inner="adam", residual="fira", subspace_change="keep"),
-           dict(eps=1e-6, eps_style="galore"),
-           aliases=("fira_adamw", "firaadamw"), key_aliases={"alpha": ("scale", _same)},
-           recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
-           doc="Fira (Chen et al., 2024): GaLore plus the norm-scaled, growth-limited residual"),
-    Method("frugal", "lowrank_optim.frugal:FrugalAdamW",
-           dict(projector="columns", inner="adam", residual="frugal", subspace_change="reset"), dict(scale=1.0),
-           aliases=("frugal_adamw", "frugaladamw"),
-           key_aliases={"proj_params_lr_scale": ("scale", _same), "reset_statistics": ("subspace_change", _reset)},
-           recipe=dict(lr=1e-3, density=0.25, update_proj_gap=200, warmup=0.1),
-           doc="FRUGAL (Zmushko et al., ICML 2025): Adam in a subspace, state-free signSGD outside it"),
-    Method("dct", "lowrank_optim.dct:DCTAdamW",
-           dict(projector="dct", inner="adam", residual="none", subspace_change="keep"),
-           dict(update_proj_gap=1, scale=1.0, eps=1e-8), aliases=("dct_adamw", "dctadamw"),
-           key_aliases={"rotate_subspace": ("subspace_change", _rotate)},
-           recipe=dict(lr=1e-3, scale=1.0, rank="d/4", update_proj_gap=1, warmup=0.1),
-           doc="DCT-AdamW (Modoranu et al., 2025): Adam in the r DCT directions with the most gradient energy"),
-    Method("sst", "lowrank_optim.sst:SSTAdamW", dict(projector="sst", inner="adam", residual="none",
-                                                     route="spectral"), dict(eps=1e-8),
-           aliases=("sst_adamw", "sstadamw"), recipe=dict(lr=1e-3, rank="d/8", update_proj_gap=200, warmup=0.1),
-           doc="Sparse Spectral Training (Zhao et al., 2024): Adam on W's singular values and sampled vectors"),
-    Method("apollo", "lowrank_optim.apollo:APOLLOAdamW",
-           dict(projector="random", inner="adam", residual="apollo", subspace_change="keep"),
-           dict(eps=1e-6, eps_style="galore", scale=1.0, scale_type="channel", random_style="apollo"),
-           aliases=("apollo_adamw", "apolloadamw"),
-           key_aliases={"proj": ("projector", _same)},
-           recipe=dict(lr=1e-2, scale=1.0, rank="d/4", update_proj_gap=200, warmup=0.1),
-           doc="APOLLO (Zhu et al., MLSys 2025): Adam on a random projection scales the full gradient per channel"),
-    Method("apollo_mini", "lowrank_optim.apollo:APOLLOMiniAdamW",
-           dict(projector="random", inner="adam", residual="apollo", subspace_change="keep"),
-           dict(eps=1e-6, eps_style="galore", scale=128.0, scale_type="tensor", random_style="apollo"),
-           aliases=("apollomini", "apollo-mini"),
-           key_aliases={"proj": ("projector", _same)},
-           recipe=dict(lr=1e-2, scale=128.0, rank=1, update_proj_gap=200, warmup=0.1),
-           doc="APOLLO-Mini: rank 1, one scaling factor per tensor"),
-)}
+METHODS: Dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "adamw",
+            "lowrank_optim.optimizer:LowRankOptimizer",
+            dict(inner="adam"),
+            dict(eps=1e-8),
+            aliases=("adam",),
+            recipe=dict(lr=1e-3, warmup=0.1),
+            doc="AdamW on every parameter (our engine)",
+        ),
+        Method(
+            "galore",
+            "lowrank_optim.galore:GaLoreAdamW",
+            dict(projector="svd", inner="adam", residual="none", subspace_change="keep"),
+            dict(eps=1e-6, eps_style="galore"),
+            aliases=("galore_adamw", "galoreadamw"),
+            recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
+            doc="GaLore (Zhao et al., ICML 2024): Adam in the top-r SVD subspace of the gradient",
+        ),
+        Method(
+            "galore8bit",
+            "lowrank_optim.galore:GaLoreAdamW8bit",
+            dict(projector="svd", inner="adam", residual="none", subspace_change="keep"),
+            dict(eps=1e-8, weight_decay=1e-2, state_bits=8, eps_style="torch"),
+            aliases=("galore_8bit", "galore_adamw8bit", "galoreadamw8bit"),
+            recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
+            doc="GaLore with 8-bit blockwise Adam states",
+        ),
+        Method(
+            "galore_adafactor",
+            "lowrank_optim.galore:GaLoreAdafactor",
+            dict(projector="svd", inner="adafactor", residual="none", subspace_change="keep"),
+            dict(lr=None),
+            aliases=("galoreadafactor",),
+            recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
+            doc="GaLore with Adafactor (factored second moment)",
+        ),
+        Method(
+            "fira",
+            "lowrank_optim.fira:FiraAdamW",
+            dict(projector="svd", inner="adam", residual="fira", subspace_change="keep"),
+            dict(eps=1e-6, eps_style="galore"),
+            aliases=("fira_adamw", "firaadamw"),
+            key_aliases={"alpha": ("scale", _same)},
+            recipe=dict(lr=1e-2, scale=0.25, rank="d/4", update_proj_gap=200, warmup=0.1),
+            doc="Fira (Chen et al., 2024): GaLore plus the norm-scaled, growth-limited residual",
+        ),
+        Method(
+            "frugal",
+            "lowrank_optim.frugal:FrugalAdamW",
+            dict(projector="columns", inner="adam", residual="frugal", subspace_change="reset"),
+            dict(scale=1.0),
+            aliases=("frugal_adamw", "frugaladamw"),
+            key_aliases={"proj_params_lr_scale": ("scale", _same), "reset_statistics": ("subspace_change", _reset)},
+            recipe=dict(lr=1e-3, density=0.25, update_proj_gap=200, warmup=0.1),
+            doc="FRUGAL (Zmushko et al., ICML 2025): Adam in a subspace, state-free signSGD outside it",
+        ),
+        Method(
+            "dct",
+            "lowrank_optim.dct:DCTAdamW",
+            dict(projector="dct", inner="adam", residual="none", subspace_change="keep"),
+            dict(update_proj_gap=1, scale=1.0, eps=1e-8),
+            aliases=("dct_adamw", "dctadamw"),
+            key_aliases={"rotate_subspace": ("subspace_change", _rotate)},
+            recipe=dict(lr=1e-3, scale=1.0, rank="d/4", update_proj_gap=1, warmup=0.1),
+            doc="DCT-AdamW (Modoranu et al., 2025): Adam in the r DCT directions with the most gradient energy",
+        ),
+        Method(
+            "sst",
+            "lowrank_optim.sst:SSTAdamW",
+            dict(projector="sst", inner="adam", residual="none", route="spectral"),
+            dict(eps=1e-8),
+            aliases=("sst_adamw", "sstadamw"),
+            recipe=dict(lr=1e-3, rank="d/8", update_proj_gap=200, warmup=0.1),
+            doc="Sparse Spectral Training (Zhao et al., 2024): Adam on W's singular values and sampled vectors",
+        ),
+        Method(
+            "apollo",
+            "lowrank_optim.apollo:APOLLOAdamW",
+            dict(projector="random", inner="adam", residual="apollo", subspace_change="keep"),
+            dict(eps=1e-6, eps_style="galore", scale=1.0, scale_type="channel", random_style="apollo"),
+            aliases=("apollo_adamw", "apolloadamw"),
+            key_aliases={"proj": ("projector", _same)},
+            recipe=dict(lr=1e-2, scale=1.0, rank="d/4", update_proj_gap=200, warmup=0.1),
+            doc="APOLLO (Zhu et al., MLSys 2025): Adam on a random projection scales the full gradient per channel",
+        ),
+        Method(
+            "apollo_mini",
+            "lowrank_optim.apollo:APOLLOMiniAdamW",
+            dict(projector="random", inner="adam", residual="apollo", subspace_change="keep"),
+            dict(eps=1e-6, eps_style="galore", scale=128.0, scale_type="tensor", random_style="apollo"),
+            aliases=("apollomini", "apollo-mini"),
+            key_aliases={"proj": ("projector", _same)},
+            recipe=dict(lr=1e-2, scale=128.0, rank=1, update_proj_gap=200, warmup=0.1),
+            doc="APOLLO-Mini: rank 1, one scaling factor per tensor",
+        ),
+    )
+}
 
 _ALIASES = {alias: m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}
 
@@ -113,8 +158,10 @@ def method(name: str) -> Method:
     try:
         return METHODS[key]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(METHODS)} (aliases: "
-                         f"{sorted(a for a in _ALIASES if a not in METHODS)})") from None
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid: {sorted(METHODS)} (aliases: "
+            f"{sorted(a for a in _ALIASES if a not in METHODS)})"
+        ) from None
 
 
 def method_defaults(name: Optional[str]) -> Dict[str, Any]:
@@ -136,8 +183,10 @@ def apply_key_aliases(name: Optional[str], options: Dict[str, Any], where: str) 
         if alias in out:
             value = convert(out.pop(alias))
             if key in options and options[key] != value:
-                raise OptionError(f"{where}: got both {alias}={options[alias]!r} and {key}={options[key]!r}; they "
-                                  f"are the same option ({method(name).name}'s name and the engine's): pass one")
+                raise OptionError(
+                    f"{where}: got both {alias}={options[alias]!r} and {key}={options[key]!r}; they "
+                    f"are the same option ({method(name).name}'s name and the engine's): pass one"
+                )
             out[key] = value
     return out
 

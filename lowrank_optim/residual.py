@@ -9,6 +9,7 @@ the update is declared by the rule:
 
 ``none`` is GaLore (the residual is dropped). A rule's state entries must be gated by ``keep`` (see ``inner.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ from .options import Option, boolean, choice, number
 from .projectors import Projector
 
 
-def outside(G: torch.Tensor, R: Optional[torch.Tensor], proj: Optional[Projector], state: Dict,
-            coef: float = 1.0) -> torch.Tensor:
+def outside(
+    G: torch.Tensor, R: Optional[torch.Tensor], proj: Optional[Projector], state: Dict, coef: float = 1.0
+) -> torch.Tensor:
     """``G - coef * P P^T G``: the gradient minus (a multiple of) its part inside the subspace (all of G at rank 0)."""
     if R is None:
         return G.clone()
@@ -75,8 +77,12 @@ class FiraResidual:
     uses_channel_norms = True  # the 8-bit kernel can return the direction's per-channel norms with the update
     options = (
         Option("fira_gamma", 1.01, number(1.0), "Fira's limiter: the residual's norm grows at most this factor a step"),
-        Option("fira_residual", "reference", choice("reference", "paper"),
-               "`reference` phi(G - scale PPᵀG) (released code) or `paper` scale·phi(I - PPᵀ)G"),
+        Option(
+            "fira_residual",
+            "reference",
+            choice("reference", "paper"),
+            "`reference` phi(G - scale PPᵀG) (released code) or `paper` scale·phi(I - PPᵀ)G",
+        ),
         Option("fira_floor", 0.0, number(0.0), "lower bound of the limiter's previous norm (0 = off, as Fira)"),
     )
 
@@ -105,8 +111,12 @@ class FrugalResidual:
 
     kind, name, joins = "residual", "frugal", "separate"
     options = (
-        Option("inactive_update", "signsgd", choice("signsgd", "sgd", "none"),
-               "state-free rule outside the subspace: `signsgd`, `sgd` or `none`"),
+        Option(
+            "inactive_update",
+            "signsgd",
+            choice("signsgd", "sgd", "none"),
+            "state-free rule outside the subspace: `signsgd`, `sgd` or `none`",
+        ),
         Option("inactive_lr_scale", 1.0, number(0.0), "lr multiplier of the state-free step"),
     )
 
@@ -129,10 +139,18 @@ class ApolloResidual:
     kind, name, joins = "residual", "apollo", "replace"
     uses_channel_norms = True
     options = (
-        Option("scale_type", "channel", choice("channel", "tensor"),
-               "APOLLO's scaling: per channel, or one factor for the tensor (APOLLO-Mini)"),
-        Option("scale_front", False, boolean, "multiply by sqrt(scale) before the limiter (apollo-torch's "
-               "scale_front) instead of after it"),
+        Option(
+            "scale_type",
+            "channel",
+            choice("channel", "tensor"),
+            "APOLLO's scaling: per channel, or one factor for the tensor (APOLLO-Mini)",
+        ),
+        Option(
+            "scale_front",
+            False,
+            boolean,
+            "multiply by sqrt(scale) before the limiter (apollo-torch's scale_front) instead of after it",
+        ),
         Option("disable_nl", False, boolean, "turn off the norm-growth limiter (apollo-torch's disable_nl)"),
     )
 
@@ -157,5 +175,12 @@ class ApolloResidual:
 
 RESIDUAL_RULES = {r.name: r for r in (NoResidual(), FiraResidual(), FrugalResidual(), ApolloResidual())}
 
-__all__ = ["RESIDUAL_RULES", "outside", "norm_dim", "channel_ratio", "limit_growth", "state_free_direction",
-           "where_keep"]
+__all__ = [
+    "RESIDUAL_RULES",
+    "outside",
+    "norm_dim",
+    "channel_ratio",
+    "limit_growth",
+    "state_free_direction",
+    "where_keep",
+]

@@ -1,5 +1,6 @@
 """The ``lowrank`` route: project, step the inner rule in the subspace, project back, add the residual rule's term,
 apply with decoupled decay, every update gated by the step's device-side flag (see ``optimizer.py``)."""
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from .projectors import PROJECTORS, ProjectorError
 from .residual import RESIDUAL_RULES, norm_dim
 from .shapes import density_rank, matrix_shape, projected_dim
 
+
 def _compute_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
@@ -26,7 +28,6 @@ class _Item:
     def __init__(self, gi, group, p, state, lowrank):
         self.gi, self.group, self.p, self.state, self.lowrank = gi, group, p, state, lowrank
         self.proj = self.G = self.R = self.refresh = self.d = None
-
 
 
 # ---------------------------------------------------------------------------------------------------- routes
@@ -107,13 +108,19 @@ class LowRankRoute:
                 continue
             style = it.group.get("eps_style") or ("torch" if it.proj.covers(it.state) else "galore")
             buckets.setdefault((it.gi, it.R.device, it.R.dtype, style), []).append(it)
-        for (gi, dev, _, style), its in buckets.items():
+        for (_, dev, _, style), its in buckets.items():
             group = its[0].group
             rule = RESIDUAL_RULES[group["residual"]]
             dims = [norm_dim(it.proj.side) for it in its] if getattr(rule, "uses_channel_norms", False) else None
-            dirs = INNER_RULES[group["inner"]].step([it.state for it in its], [it.R for it in its], group,
-                                                    keep_on(dev), eps_style=style, col_norm_dims=dims,
-                                                    params=[it.p for it in its])
+            dirs = INNER_RULES[group["inner"]].step(
+                [it.state for it in its],
+                [it.R for it in its],
+                group,
+                keep_on(dev),
+                eps_style=style,
+                col_norm_dims=dims,
+                params=[it.p for it in its],
+            )
             for it, d in zip(its, dirs):
                 it.d = d
         for it in items:
@@ -154,6 +161,7 @@ class LowRankRoute:
 
 register_route(LowRankRoute())
 
+
 def _default_refresh_due(it: _Item) -> bool:
     """At steps 0, T, 2T, ... of the parameter's own clock; with an adaptive gap, T steps after the last refresh."""
     state = it.state
@@ -163,7 +171,6 @@ def _default_refresh_due(it: _Item) -> bool:
     if it.group["adaptive_gap"] and "proj_gap" in state:
         return step - state.get("proj_step", 0) >= state["proj_gap"]
     return step % it.group["update_proj_gap"] == 0
-
 
 
 def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host: bool) -> bool:
@@ -188,7 +195,6 @@ def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host
     return it.proj.fused_apply(it.state, low, p.view(it.G.shape), float(lr), wd, group["scale"], term)
 
 
-
 def _try_refresh(it: _Item) -> Optional[Dict[str, Any]]:
     """New basis entries, or None to keep the previous basis after a failed refresh (a failed first one raises)."""
     has_basis = int(it.state.get("proj_refreshes", 0)) > 0
@@ -196,12 +202,16 @@ def _try_refresh(it: _Item) -> Optional[Dict[str, Any]]:
         return it.proj.refresh(it.state, it.G)
     except ProjectorError as err:
         if has_basis:  # keep the previous basis: training continues in the last good subspace
-            warnings.warn(f"param group {it.gi}: basis refresh failed for a parameter of shape "
-                          f"{tuple(it.p.shape)} ({err}); keeping the previous basis")
+            warnings.warn(
+                f"param group {it.gi}: basis refresh failed for a parameter of shape "
+                f"{tuple(it.p.shape)} ({err}); keeping the previous basis",
+                stacklevel=2,
+            )
             return None
-        raise RuntimeError(f"param group {it.gi}: the first basis of a parameter of shape {tuple(it.p.shape)} "
-                           f"could not be computed ({err}); no parameter was updated") from err
-
+        raise RuntimeError(
+            f"param group {it.gi}: the first basis of a parameter of shape {tuple(it.p.shape)} "
+            f"could not be computed ({err}); no parameter was updated"
+        ) from err
 
 
 def _grad(p: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
@@ -216,9 +226,16 @@ def _grad(p: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
     return -g if group["maximize"] else g
 
 
-
-def apply_update(p: torch.Tensor, group: Dict, update: torch.Tensor, step: torch.Tensor, lr, keep: torch.Tensor,
-                 extra: Optional[torch.Tensor] = None, extra_scale: float = 1.0) -> None:
+def apply_update(
+    p: torch.Tensor,
+    group: Dict,
+    update: torch.Tensor,
+    step: torch.Tensor,
+    lr,
+    keep: torch.Tensor,
+    extra: Optional[torch.Tensor] = None,
+    extra_scale: float = 1.0,
+) -> None:
     """W <- W (1 - lr wd) - step * update - lr * extra_scale * extra, in the compute dtype, rounded once to p's
     dtype, and nothing at all when ``keep`` is 0 (``update`` must then be finite; ``extra`` may hold anything)."""
     target = p if p.dtype in (torch.float32, torch.float64) else p.float()
@@ -226,11 +243,18 @@ def apply_update(p: torch.Tensor, group: Dict, update: torch.Tensor, step: torch
     contiguous = target.is_contiguous()  # else (channels_last) work on a row-major copy and write it back
     flat = target.view(shape) if contiguous else target.reshape(shape)
     if group["weight_decay"]:
-        decay = 1 - _as_float(lr) * group["weight_decay"] if not isinstance(lr, torch.Tensor) else \
-            (1 - lr.detach().double() * group["weight_decay"])
-        flat.mul_(gated(keep, decay, flat.dtype) if not isinstance(decay, torch.Tensor) else
-                  torch.where(keep.bool(), decay.to(keep.device, flat.dtype), torch.ones((), dtype=flat.dtype,
-                                                                                       device=keep.device)))
+        decay = (
+            1 - _as_float(lr) * group["weight_decay"]
+            if not isinstance(lr, torch.Tensor)
+            else (1 - lr.detach().double() * group["weight_decay"])
+        )
+        flat.mul_(
+            gated(keep, decay, flat.dtype)
+            if not isinstance(decay, torch.Tensor)
+            else torch.where(
+                keep.bool(), decay.to(keep.device, flat.dtype), torch.ones((), dtype=flat.dtype, device=keep.device)
+            )
+        )
     if update is not None:
         flat.addcmul_(update, -step.to(flat.dtype) * keep.to(flat.dtype))
     if extra is not None:
@@ -242,10 +266,8 @@ def apply_update(p: torch.Tensor, group: Dict, update: torch.Tensor, step: torch
         p.copy_(target)
 
 
-
 def _as_float(x) -> float:
     return float(x)
-
 
 
 def _lr64(lr, device) -> torch.Tensor:

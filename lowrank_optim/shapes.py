@@ -1,4 +1,5 @@
 """Shapes: how a parameter is seen as a matrix and which side of it is projected."""
+
 from __future__ import annotations
 
 from typing import Dict, Tuple

@@ -12,6 +12,7 @@ Every ``update_proj_gap`` steps a new S is chosen by the group's projector (``ss
 sigma); every ``sst_round`` draws the factors are first re-orthogonalised by an SVD of U diag(sigma) V^T.
 Everything else in the model (biases, norms, matrices whose smaller side is <= rank) takes the dense path.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,20 +23,21 @@ import torch
 
 from .inner import DTYPES, INNER_RULES, Direction
 from .optimizer import LowRankOptimizer
-from .parts import register_route
-from .route import _grad
-from .shapes import matrix_shape
 from .options import Option, choice, integer
+from .parts import register_route
 from .projectors import ProjectorError, sst_sample
 from .projectors.svd import truncated_svd
+from .route import _grad
+from .shapes import matrix_shape
 
 # Moment prefixes: each set is a plain Adam state (exp_avg, exp_avg_sq, moment_step) flattened into the
 # parameter's state under its prefix, so checkpoints stay flat dicts of tensors and numbers.
 SIGMA, VEC_U, VEC_V = "adam_sigma.", "adam_U.", "adam_V."
 
 
-def spectral_grads(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-                   idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def spectral_grads(
+    G: torch.Tensor, U: torch.Tensor, V: torch.Tensor, idx: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(g_sigma (k), g_U_S (m x r), g_V_S (n x r)) for W = U diag(sigma) V^T, from G = dL/dW.
 
     g_sigma is the exact gradient diag(U^T G V). The vector gradients are SST's enhanced ones: the exact
@@ -55,10 +57,18 @@ class SpectralRoute:
 
     kind, name = "route", "spectral"
     options = (
-        Option("sst_round", None, integer(1, none_ok=True),
-               "resamplings between re-SVDs of the factors (None = ceil(k / r))"),
-        Option("factor_dtype", "float32", choice("float32", "bfloat16", "float16"),
-               "storage dtype of U, sigma, V (math is fp32)"),
+        Option(
+            "sst_round",
+            None,
+            integer(1, none_ok=True),
+            "resamplings between re-SVDs of the factors (None = ceil(k / r))",
+        ),
+        Option(
+            "factor_dtype",
+            "float32",
+            choice("float32", "bfloat16", "float16"),
+            "storage dtype of U, sigma, V (math is fp32)",
+        ),
     )
 
     @staticmethod
@@ -83,9 +93,13 @@ class SpectralRoute:
         k = min(m, n)
         factor = torch.empty((), dtype=DTYPES[group["factor_dtype"]]).element_size()
         adam = INNER_RULES["adam"]
-        return ((m + n + 1) * k * factor + r * 8  # U, sigma, V and the sampled indices
-                + adam.expected_bytes((k,), group) + adam.expected_bytes((m, r), group)
-                + adam.expected_bytes((n, r), group))
+        return (
+            (m + n + 1) * k * factor
+            + r * 8  # U, sigma, V and the sampled indices
+            + adam.expected_bytes((k,), group)
+            + adam.expected_bytes((m, r), group)
+            + adam.expected_bytes((n, r), group)
+        )
 
     # ------------------------------------------------------------------ refresh: factors and sample
     def prepare(self, opt, items) -> None:
@@ -105,10 +119,15 @@ class SpectralRoute:
                 new.update(self._factorise(p, state, group))
             except ProjectorError as err:
                 if not started:
-                    raise RuntimeError(f"param group {it.gi}: the SVD of a parameter of shape {tuple(p.shape)} "
-                                       f"failed ({err}); no parameter was updated") from err
-                warnings.warn(f"param group {it.gi}: re-SVD failed for a parameter of shape {tuple(p.shape)} "
-                              f"({err}); keeping the current factors")
+                    raise RuntimeError(
+                        f"param group {it.gi}: the SVD of a parameter of shape {tuple(p.shape)} "
+                        f"failed ({err}); no parameter was updated"
+                    ) from err
+                warnings.warn(
+                    f"param group {it.gi}: re-SVD failed for a parameter of shape {tuple(p.shape)} "
+                    f"({err}); keeping the current factors",
+                    stacklevel=2,
+                )
         factors = {k: new.get(k, state.get(k)) for k in ("sst_U", "sst_sigma", "sst_V")}
         new["sst_idx"] = self._select(opt, it, factors)
         new["proj_refreshes"] = draws + 1
@@ -138,8 +157,12 @@ class SpectralRoute:
             source = p.detach().reshape(matrix_shape(p)).float()
         u, s, vh = truncated_svd(source, min(source.shape), "sst")
         dtype = DTYPES[group["factor_dtype"]]
-        return {"sst_U": u.to(dtype).contiguous(), "sst_sigma": s.to(dtype), "sst_V": vh.t().to(dtype).contiguous(),
-                "sst_svds": int(state.get("sst_svds", 0)) + 1}
+        return {
+            "sst_U": u.to(dtype).contiguous(),
+            "sst_sigma": s.to(dtype),
+            "sst_V": vh.t().to(dtype).contiguous(),
+            "sst_svds": int(state.get("sst_svds", 0)) + 1,
+        }
 
     def commit_refresh(self, opt, items) -> None:
         for it in items:
@@ -189,7 +212,7 @@ def _drop(state: Dict, prefix: str) -> None:
 
 def _adam(state: Dict, prefix: str, grad: torch.Tensor, group: Dict, keep: torch.Tensor) -> Direction:
     """The engine's Adam rule (fp32 / low-precision / 8-bit) on one prefixed moment set."""
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     (d,) = INNER_RULES["adam"].step([sub], [grad], group, keep, eps_style=group.get("eps_style") or "torch")
     state.update({prefix + k: v for k, v in sub.items()})
     return d
@@ -217,12 +240,32 @@ class SSTAdamW(LowRankOptimizer):
 
     method = "sst"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
-                 sst_round: Optional[int] = None, sst_weight: float = 0.5, factor_dtype: str = "float32", **kw):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        maximize=False,
+        sst_round: Optional[int] = None,
+        sst_weight: float = 0.5,
+        factor_dtype: str = "float32",
+        **kw,
+    ):
         if kw.get("projector", "sst") == "sst" or sst_weight != 0.5:
             kw["sst_weight"] = sst_weight
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                         sst_round=sst_round, factor_dtype=factor_dtype, **kw)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            sst_round=sst_round,
+            factor_dtype=factor_dtype,
+            **kw,
+        )
 
 
 __all__ = ["SSTAdamW", "SpectralRoute", "spectral_grads"]

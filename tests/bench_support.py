@@ -1,4 +1,5 @@
 """Shared pieces of the benchmark tests: a tiny local corpus and one torch thread for tiny CPU workloads."""
+
 import os
 import shutil
 import sysconfig

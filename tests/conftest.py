@@ -1,4 +1,5 @@
 """Test setup: Triton kernels run through the interpreter on CPU (must be set before triton is imported)."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,5 @@
 """Small shared pieces for the tests: a tiny model with matrices of every aspect and a deterministic loop."""
+
 import torch
 from torch import nn
 

@@ -8,14 +8,14 @@ Tolerances (bitsandbytes-like: 8-bit Adam is compared by trajectory, not bitwise
 * fed identical gradients (so identical bases), the dequantized moments after each refresh are within 2% of the
   fp32 moments, for the keep, reset and rotate policies.
 """
+
 import io
 
 import pytest
 import torch
-
 from helpers import TinyNet, batches, params_of, rel_err, train
-from lowrank_optim import (DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit,
-                           SSTAdamW)
+
+from lowrank_optim import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, SSTAdamW
 from lowrank_optim.groups import lowrank_param_groups
 from lowrank_optim.inner import Moment
 
@@ -24,8 +24,9 @@ def _run(bits, projector, gap, steps=100):
     torch.manual_seed(0)
     model = TinyNet(d=128)
     start = params_of(model)
-    opt = GaLoreAdamW(lowrank_param_groups(model, rank=32, update_proj_gap=gap, projector=projector), lr=3e-3,
-                      state_bits=bits)
+    opt = GaLoreAdamW(
+        lowrank_param_groups(model, rank=32, update_proj_gap=gap, projector=projector), lr=3e-3, state_bits=bits
+    )
     losses = train(model, opt, batches(steps, batch=8, seq=16))
     return start, params_of(model), sum(losses[-10:]) / 10, opt
 
@@ -46,11 +47,15 @@ def test_8bit_galore_with_svd_refreshes_reaches_the_same_loss():
     assert abs(loss8 - loss32) / loss32 < 0.01
 
 
-@pytest.mark.parametrize("make", [
-    lambda g, b: GaLoreAdamW(g, lr=1e-2, state_bits=b),  # keep
-    lambda g, b: FrugalAdamW(g, lr=1e-2, state_bits=b, projector="svd"),  # reset
-    lambda g, b: DCTAdamW(g, lr=1e-2, state_bits=b, update_proj_gap=3, rotate_subspace=True),  # rotate
-], ids=["keep", "reset", "rotate"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g, b: GaLoreAdamW(g, lr=1e-2, state_bits=b),  # keep
+        lambda g, b: FrugalAdamW(g, lr=1e-2, state_bits=b, projector="svd"),  # reset
+        lambda g, b: DCTAdamW(g, lr=1e-2, state_bits=b, update_proj_gap=3, rotate_subspace=True),  # rotate
+    ],
+    ids=["keep", "reset", "rotate"],
+)
 def test_refresh_with_8bit_states_behaves_as_with_fp32(make):
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(96, 128, generator=gen) + 0.1 * k for k in range(10)]
@@ -121,10 +126,17 @@ def test_small_tensors_stay_fp32():
     assert opt.state[model.embed.weight]["exp_avg_codes"].dtype == torch.uint8  # 50 x 128 = 6400
 
 
-@pytest.mark.parametrize("cls,kw", [
-    (GaLoreAdamW, {"lr": 1e-2}), (FiraAdamW, {"lr": 1e-2}), (FrugalAdamW, {"projector": "svd", "lr": 1e-2}),
-    (DCTAdamW, {"lr": 1e-2}), (SSTAdamW, {"lr": 1e-2}), (GaLoreAdafactor, {"beta1": 0.9}),
-])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (GaLoreAdamW, {"lr": 1e-2}),
+        (FiraAdamW, {"lr": 1e-2}),
+        (FrugalAdamW, {"projector": "svd", "lr": 1e-2}),
+        (DCTAdamW, {"lr": 1e-2}),
+        (SSTAdamW, {"lr": 1e-2}),
+        (GaLoreAdafactor, {"beta1": 0.9}),
+    ],
+)
 def test_every_method_runs_with_8bit_states(cls, kw):
     torch.manual_seed(0)
     model = TinyNet(d=128)
@@ -137,8 +149,20 @@ def test_every_method_runs_with_8bit_states(cls, kw):
 def test_galore_adamw8bit_takes_galore_torch_signature():
     w = torch.nn.Parameter(torch.randn(96, 128))
     small = torch.nn.Parameter(torch.randn(64, 32))  # 2048 elements
-    opt = GaLoreAdamW8bit([{"params": [w], "rank": 48}, {"params": [small]}], 1e-3, (0.9, 0.999), 1e-8, 1e-2,
-                          False, 32, None, 1024, 100, True, False)  # galore-torch's positional order
+    opt = GaLoreAdamW8bit(
+        [{"params": [w], "rank": 48}, {"params": [small]}],
+        1e-3,
+        (0.9, 0.999),
+        1e-8,
+        1e-2,
+        False,
+        32,
+        None,
+        1024,
+        100,
+        True,
+        False,
+    )  # galore-torch's positional order
     assert opt.defaults["eps"] == 1e-8 and opt.defaults["weight_decay"] == 1e-2
     w.grad, small.grad = torch.randn_like(w), torch.randn_like(small)
     opt.step()

@@ -1,5 +1,6 @@
 """APOLLO / APOLLO-Mini against apollo-torch 1.0.3: same group keys, same numbers over 20 steps spanning refreshes,
 for random projections (apollo-torch's seeds and seed schedule) and SVD projections, channel and tensor scaling."""
+
 import pytest
 import torch
 
@@ -73,9 +74,10 @@ def _llama7b_linears():
 def test_any_projector_and_8bit_states_work():
     for projector in ("svd", "power", "rsvd", "dct", "columns"):
         keys = dict(rank=4, scale_type="channel", scale=1.0, update_proj_gap=5)
-        ours, opt = _run(lambda g: lo.APOLLOAdamW(g, lr=1e-2, projector=projector), steps=8, group_keys=keys)
+        ours, opt = _run(
+            lambda g, projector=projector: lo.APOLLOAdamW(g, lr=1e-2, projector=projector), steps=8, group_keys=keys
+        )
         assert all(torch.isfinite(p).all() for p in ours)
     keys = dict(rank=4, scale=1.0, update_proj_gap=5)
-    ours, opt = _run(lambda g: lo.APOLLOAdamW(g, lr=1e-2, state_bits=8, min_8bit_size=16), steps=8,
-                     group_keys=keys)
+    ours, opt = _run(lambda g: lo.APOLLOAdamW(g, lr=1e-2, state_bits=8, min_8bit_size=16), steps=8, group_keys=keys)
     assert any("exp_avg_codes" in st for st in opt.state.values())

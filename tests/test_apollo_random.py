@@ -1,5 +1,6 @@
 """random_style="apollo": the random projector reproduces apollo-torch's projection matrices bit for bit (seed,
 seed schedule over refreshes, shape, scaling) and its projection of a gradient."""
+
 import pytest
 import torch
 
@@ -52,14 +53,29 @@ def test_matrices_equal_those_inside_apollo_adamw():
     """Through apollo-torch's optimizer: parameter k (1-based over every group) gets the matrices our projector
     draws with the engine's per-parameter seed k - 1 (group seed 0)."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(40, 24)),
-              torch.nn.Parameter(torch.randn(24, 40))]
-    groups = [{"params": params[:1]},
-              {"params": params[1:], "rank": 4, "update_proj_gap": 2, "scale": 1.0, "proj_type": "std",
-               "proj": "random", "scale_type": "channel"}]
+    params = [
+        torch.nn.Parameter(torch.randn(8)),
+        torch.nn.Parameter(torch.randn(40, 24)),
+        torch.nn.Parameter(torch.randn(24, 40)),
+    ]
+    groups = [
+        {"params": params[:1]},
+        {
+            "params": params[1:],
+            "rank": 4,
+            "update_proj_gap": 2,
+            "scale": 1.0,
+            "proj_type": "std",
+            "proj": "random",
+            "scale_type": "channel",
+        },
+    ]
     opt = apollo_torch.APOLLOAdamW(groups, lr=1e-2)
-    ours = {i: make_projector("random", 4, side_of(tuple(p.shape), "std"), tuple(p.shape), seed=i,
-                              random_style="apollo") for i, p in enumerate(params) if i}
+    ours = {
+        i: make_projector("random", 4, side_of(tuple(p.shape), "std"), tuple(p.shape), seed=i, random_style="apollo")
+        for i, p in enumerate(params)
+        if i
+    }
     for step in range(3):  # refreshes at steps 0 and 2
         for p in params:
             p.grad = torch.randn_like(p)

@@ -1,5 +1,6 @@
 """basis_bits: the int4 format round-trips within half a step, the 8-bit format is the project's blockwise one,
 quantized bases are read back in fp32, their stored bytes equal expected_state_bytes, and the accuracy is bounded."""
+
 import io
 import math
 
@@ -8,8 +9,14 @@ import torch
 
 from lowrank_optim import quant
 from lowrank_optim.projectors import make_projector
-from lowrank_optim.projectors.basis_quant import (INT4_BLOCK, basis_bytes, decode_basis, dequantize_int4,
-                                                  encode_basis, quantize_int4)
+from lowrank_optim.projectors.basis_quant import (
+    INT4_BLOCK,
+    basis_bytes,
+    decode_basis,
+    dequantize_int4,
+    encode_basis,
+    quantize_int4,
+)
 
 MATRIX = ("svd", "rsvd", "power", "sst")
 SIDES = ("left", "right", "full")

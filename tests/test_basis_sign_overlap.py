@@ -1,5 +1,6 @@
 """basis_sign: new bases follow the previous one's signs ("align") or keep the raw factorisation ("none");
 overlap(): identical -> 1, orthogonal -> 0, closed-form partial overlaps, for every projector."""
+
 import math
 
 import pytest
@@ -142,10 +143,16 @@ def test_overlap_full_side_averages_both_sides():
 @pytest.mark.parametrize("name", ["dct", "columns"])
 def test_overlap_of_index_based_is_the_shared_fraction(name):
     proj = make_projector(name, 4, "full", (20, 12))
-    old = {"proj_refreshes": 1, "proj_left_idx": torch.tensor([0, 1, 2, 3]),
-           "proj_right_idx": torch.tensor([0, 5, 7, 9])}
-    new = {"proj_refreshes": 2, "proj_left_idx": torch.tensor([2, 3, 4, 5]),
-           "proj_right_idx": torch.tensor([1, 2, 3, 4])}
+    old = {
+        "proj_refreshes": 1,
+        "proj_left_idx": torch.tensor([0, 1, 2, 3]),
+        "proj_right_idx": torch.tensor([0, 5, 7, 9]),
+    }
+    new = {
+        "proj_refreshes": 2,
+        "proj_left_idx": torch.tensor([2, 3, 4, 5]),
+        "proj_right_idx": torch.tensor([1, 2, 3, 4]),
+    }
     assert proj.overlap(old, new) == pytest.approx((0.5 + 0.0) / 2)
 
 

@@ -1,4 +1,5 @@
 """Pretraining benchmark: configs, shapes, data pipeline, smoke run, exact resume, DDP equivalence, offline hf:."""
+
 import json
 import os
 import re
@@ -14,22 +15,41 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
+
 from benchmarks import checkpoint  # noqa: E402
 from benchmarks import data as D  # noqa: E402
 from benchmarks.model import build_model, config_names, load_config, weight_shapes  # noqa: E402
 from benchmarks.pretrain import cosine_with_min_lr, main  # noqa: E402
-from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # hidden, intermediate, layers, heads, vocab
-    "llama_9m": (128, 352, 4, 4, 32000), "llama_20m": (256, 688, 4, 4, 32000), "llama_35m": (384, 1024, 6, 8, 32000),
-    "llama_60m": (512, 1376, 8, 8, 32000), "llama_130m": (768, 2048, 12, 12, 32000),
-    "llama_350m": (1024, 2736, 24, 16, 32000), "llama_1b": (2048, 5461, 24, 32, 32000),
-    "llama_3b": (2560, 6848, 32, 32, 32000), "llama_7b": (4096, 11008, 32, 32, 32000),
-    "llama_tiny": (256, 688, 4, 4, 8192), "llama_micro": (64, 176, 2, 2, 1024),
+    "llama_9m": (128, 352, 4, 4, 32000),
+    "llama_20m": (256, 688, 4, 4, 32000),
+    "llama_35m": (384, 1024, 6, 8, 32000),
+    "llama_60m": (512, 1376, 8, 8, 32000),
+    "llama_130m": (768, 2048, 12, 12, 32000),
+    "llama_350m": (1024, 2736, 24, 16, 32000),
+    "llama_1b": (2048, 5461, 24, 32, 32000),
+    "llama_3b": (2560, 6848, 32, 32, 32000),
+    "llama_7b": (4096, 11008, 32, 32, 32000),
+    "llama_tiny": (256, 688, 4, 4, 8192),
+    "llama_micro": (64, 176, 2, 2, 1024),
 }
-STDLIB_FILES = ["argparse.py", "textwrap.py", "csv.py", "bisect.py", "heapq.py", "string.py", "shlex.py",
-                "fnmatch.py", "glob.py", "copy.py", "json/decoder.py", "json/encoder.py"]
+STDLIB_FILES = [
+    "argparse.py",
+    "textwrap.py",
+    "csv.py",
+    "bisect.py",
+    "heapq.py",
+    "string.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "copy.py",
+    "json/decoder.py",
+    "json/encoder.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +63,29 @@ def data_dir(tmp_path_factory):
 
 
 def micro_argv(data_dir, tmp_path, out, *extra):
-    return ["--model", "llama_micro", "--data", data_dir, "--cache-dir", str(tmp_path / "cache"),
-            "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2", "--output-dir", str(tmp_path / out),
-            "--dtype", "fp32", "--device", "cpu", "--log-every", "0", *extra]
+    return [
+        "--model",
+        "llama_micro",
+        "--data",
+        data_dir,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-batches",
+        "2",
+        "--output-dir",
+        str(tmp_path / out),
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--log-every",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
@@ -142,8 +182,20 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path, optimizer):
     if optimizer == "galore_ref":
         pytest.importorskip("galore_torch")
     # projection refreshed every 2 steps: the resumed run must rebuild the same subspace from restored state
-    common = ["--max-steps", "6", "--save-every", "3", "--keep-checkpoints", "5", "--optimizer", optimizer,
-              "--rank", "8", "--update-proj-gap", "2"]
+    common = [
+        "--max-steps",
+        "6",
+        "--save-every",
+        "3",
+        "--keep-checkpoints",
+        "5",
+        "--optimizer",
+        optimizer,
+        "--rank",
+        "8",
+        "--update-proj-gap",
+        "2",
+    ]
     full = main(micro_argv(data_dir, tmp_path, "full", *common))
     half = tmp_path / "half"
     _copy_checkpoint(tmp_path / "full", half, 3)
@@ -156,8 +208,17 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path, optimizer):
 
 def test_ddp_two_ranks_equals_single_process(data_dir, tmp_path):
     main(micro_argv(data_dir, tmp_path, "single", "--max-steps", "3", "--batch-size", "4", "--save-every", "3"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "benchmarks.pretrain", *micro_argv(data_dir, tmp_path, "ddp", "--max-steps", "3", "--save-every", "3")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "benchmarks.pretrain",
+        *micro_argv(data_dir, tmp_path, "ddp", "--max-steps", "3", "--save-every", "3"),
+    ]
     cmd[cmd.index("--batch-size") + 1] = "2"  # 2 ranks x 2 == 1 process x 4
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -174,8 +235,20 @@ def test_hf_offline_fails_fast(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     t = time.time()
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", "llama_micro", "--data", "hf:allenai/c4:en", "--cache-dir", str(tmp_path),
-              "--output-dir", str(tmp_path / "out"), "--max-steps", "1"])
+        main(
+            [
+                "--model",
+                "llama_micro",
+                "--data",
+                "hf:allenai/c4:en",
+                "--cache-dir",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--max-steps",
+                "1",
+            ]
+        )
     assert exit_info.value.code == 2
     assert re.search(r"allenai/c4.*(unreachable|OFFLINE)", capsys.readouterr().err)
     assert time.time() - t < 10
@@ -231,26 +304,66 @@ def test_missing_lowrank_package_is_a_clear_error(monkeypatch, data_dir, tmp_pat
 
 @pytest.mark.parametrize("extra", [[], ["--layerwise"]])
 def test_lowrank_galore_smoke(data_dir, tmp_path, extra):
-    s = main(micro_argv(data_dir, tmp_path, "run", "--optimizer", "galore", "--rank", "8", "--update-proj-gap", "2",
-                        "--max-steps", "4", *extra))
+    s = main(
+        micro_argv(
+            data_dir,
+            tmp_path,
+            "run",
+            "--optimizer",
+            "galore",
+            "--rank",
+            "8",
+            "--update-proj-gap",
+            "2",
+            "--max-steps",
+            "4",
+            *extra,
+        )
+    )
     assert s["layerwise"] == bool(extra) and 1 < s["eval_ppl"] < 2000
     assert 0 < s["state_bytes"] < 8 * s["num_params"]  # less than AdamW's two fp32 moments
 
 
-@pytest.mark.parametrize("optimizer", ["adam8bit", "galore8bit", "galore_adafactor", "fira", "frugal", "dct", "sst",
-                                       "fira_ref"])
+@pytest.mark.parametrize(
+    "optimizer", ["adam8bit", "galore8bit", "galore_adafactor", "fira", "frugal", "dct", "sst", "fira_ref"]
+)
 def test_every_optimizer_runs_through_pretrain(data_dir, tmp_path, optimizer):
     if optimizer == "fira_ref":
         pytest.importorskip("fira")
-    s = main(micro_argv(data_dir, tmp_path, "run", "--optimizer", optimizer, "--rank", "8", "--update-proj-gap", "2",
-                        "--max-steps", "3"))
+    s = main(
+        micro_argv(
+            data_dir,
+            tmp_path,
+            "run",
+            "--optimizer",
+            optimizer,
+            "--rank",
+            "8",
+            "--update-proj-gap",
+            "2",
+            "--max-steps",
+            "3",
+        )
+    )
     assert 1 < s["eval_ppl"] < 2000 and s["state_bytes"] > 0
 
 
 @pytest.mark.parametrize("optimizer", ["galore", "fira", "frugal", "dct", "sst", "galore8bit"])
 def test_resume_is_bitwise_exact_for_our_optimizers(data_dir, tmp_path, optimizer):
-    common = ["--max-steps", "5", "--save-every", "3", "--keep-checkpoints", "5", "--optimizer", optimizer,
-              "--rank", "8", "--update-proj-gap", "2"]
+    common = [
+        "--max-steps",
+        "5",
+        "--save-every",
+        "3",
+        "--keep-checkpoints",
+        "5",
+        "--optimizer",
+        optimizer,
+        "--rank",
+        "8",
+        "--update-proj-gap",
+        "2",
+    ]
     main(micro_argv(data_dir, tmp_path, "full", *common))
     half = tmp_path / "half"
     _copy_checkpoint(tmp_path / "full", half, 3)

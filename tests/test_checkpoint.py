@@ -1,10 +1,11 @@
 """Checkpoints: tensors and numbers only, weights_only loading, bitwise-exact resume (also between refreshes)."""
+
 import io
 
 import pytest
 import torch
-
 from helpers import TinyNet, batches, params_of, train
+
 from lowrank_optim import GaLoreAdafactor, GaLoreAdamW
 from lowrank_optim.groups import lowrank_param_groups
 

@@ -1,4 +1,5 @@
 """Every method x every projector trains a tiny MLP and checkpoints through ``torch.load(weights_only=True)``."""
+
 import copy
 import io
 
@@ -30,8 +31,10 @@ def setup(method, projector):
     targeted = dict(targeted, density=0.5) if projector == "blocks" else targeted
 
     def make(m):
-        groups = [{"params": [m[0].bias, m[2].bias]},
-                  {"params": [m[0].weight, m[2].weight], "update_proj_gap": 5, **targeted}]
+        groups = [
+            {"params": [m[0].bias, m[2].bias]},
+            {"params": [m[0].weight, m[2].weight], "update_proj_gap": 5, **targeted},
+        ]
         return cls(groups, lr=1e-2, projector=projector)
 
     return model, make

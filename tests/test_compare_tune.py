@@ -1,13 +1,14 @@
 """benchmarks.compare and benchmarks.tune end to end on llama_micro, 3 steps, a tiny local corpus."""
+
 import json
 import os
 import shutil
 import sysconfig
 
 import pytest
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 from benchmarks import compare, tune
-from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 FILES = ["textwrap.py", "bisect.py", "heapq.py", "shlex.py", "fnmatch.py", "glob.py"]
 
@@ -20,19 +21,53 @@ def base_argv(tmp_path_factory):
     data.mkdir()
     for f in FILES:
         shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], f), data / f)
-    return ["--model", "llama_micro", "--max-steps", "3", "--seq-len", "32", "--batch-size", "2",
-            "--eval-batches", "1", "--data", str(data), "--cache-dir", str(tmp / "cache"), "--in-process"]
+    return [
+        "--model",
+        "llama_micro",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--in-process",
+    ]
 
 
 def test_compare(base_argv, tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = [*base_argv, "--output-dir", str(out), "--optimizers", "adamw,galore", "--rank", "8",
-            "--update-proj-gap", "2", "--opt-args", "galore:lr=0.01,scale=0.25"]
+    argv = [
+        *base_argv,
+        "--output-dir",
+        str(out),
+        "--optimizers",
+        "adamw,galore",
+        "--rank",
+        "8",
+        "--update-proj-gap",
+        "2",
+        "--opt-args",
+        "galore:lr=0.01,scale=0.25",
+    ]
     result = compare.main(argv)
     assert not result["failed"]
-    for name in ("results.md", "results.json", "loss.png", "ppl.png", "memory_vs_ppl.png",
-                 "adamw/seed0/summary.json", "galore/seed0/summary.json", "adamw/seed1/summary.json",
-                 "galore/seed1/summary.json"):
+    for name in (
+        "results.md",
+        "results.json",
+        "loss.png",
+        "ppl.png",
+        "memory_vs_ppl.png",
+        "adamw/seed0/summary.json",
+        "galore/seed0/summary.json",
+        "adamw/seed1/summary.json",
+        "galore/seed1/summary.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
     assert "Command: `python -m benchmarks.compare" in md and "Machine:" in md and "hash `" in md
@@ -48,7 +83,7 @@ def test_compare(base_argv, tmp_path, capsys):
     ppls = [s["eval_ppl"] for s in galore]
     assert data["galore"]["eval_ppls"] == ppls
     assert data["galore"]["eval_ppl"] == pytest.approx(sum(ppls) / 2)
-    assert data["galore"]["eval_ppl_std"] == pytest.approx(abs(ppls[0] - ppls[1]) / 2 ** 0.5)
+    assert data["galore"]["eval_ppl_std"] == pytest.approx(abs(ppls[0] - ppls[1]) / 2**0.5)
     assert data["adamw"]["ppl_vs_adamw"] == "within noise"
     assert data["galore"]["ppl_vs_adamw"] in ("better", "worse", "within noise")
     assert "± " in md and "2 x pooled std" in md
@@ -61,15 +96,27 @@ def test_compare(base_argv, tmp_path, capsys):
 def test_opt_args_parsing():
     assert compare.parse_opt_args(["galore,fira:lr=0.01,update_proj_gap=50", "fira:scale=1"]) == {
         "galore": ["--lr", "0.01", "--update-proj-gap", "50"],
-        "fira": ["--lr", "0.01", "--update-proj-gap", "50", "--scale", "1"]}
+        "fira": ["--lr", "0.01", "--update-proj-gap", "50", "--scale", "1"],
+    }
     with pytest.raises(ValueError):
         compare.parse_opt_args(["galore-lr=1"])
 
 
 def test_tune_grid_resumes(base_argv, tmp_path, capsys):
     out = tmp_path / "tune"
-    argv = [*base_argv, "--output-dir", str(out), "--optimizer", "galore", "--ranks", "4,8", "--gaps", "2",
-            "--lr", "0.01"]
+    argv = [
+        *base_argv,
+        "--output-dir",
+        str(out),
+        "--optimizer",
+        "galore",
+        "--ranks",
+        "4,8",
+        "--gaps",
+        "2",
+        "--lr",
+        "0.01",
+    ]
     first = tune.main(argv)
     assert first["new_trials"] == 2 and len(first["rows"]) == 2
     assert all(len(r["eval_ppls"]) == 2 for r in first["rows"])  # two seeds per setting by default
@@ -93,11 +140,15 @@ def test_tune_grid_resumes(base_argv, tmp_path, capsys):
 
 
 def test_recommend_and_pareto():
-    rows = [{"eval_ppl": 100.0, "state_bytes": 30}, {"eval_ppl": 101.0, "state_bytes": 10},
-            {"eval_ppl": 110.0, "state_bytes": 5}]
+    rows = [
+        {"eval_ppl": 100.0, "state_bytes": 30},
+        {"eval_ppl": 101.0, "state_bytes": 10},
+        {"eval_ppl": 110.0, "state_bytes": 5},
+    ]
     best, cheap = tune.recommend(rows, 0.02)
     assert best is rows[0] and cheap is rows[1]
     from benchmarks.plots import pareto_front
+
     assert pareto_front([(30, 100.0), (10, 101.0), (5, 110.0), (20, 105.0)]) == [2, 1, 0]
 
 
@@ -121,7 +172,7 @@ def test_recommendation_follows_the_noise_rule():
 def test_noise_rule_numbers():
     from benchmarks.seeds import mean_std, verdict, within_noise
 
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_std([5.0]) == (5.0, None)
     # pooled std 1: a difference of 1.9 is noise, 2.1 is not
     assert within_noise(10.0, 1.0, 11.9, 1.0) and not within_noise(10.0, 1.0, 12.1, 1.0)

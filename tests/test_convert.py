@@ -4,13 +4,14 @@ Each resume test trains with the reference package, saves its optimizer state, c
 optimizer and continues both for steps that include a basis refresh; the weights must agree as closely as the
 parity tests of the two implementations do (weight decay 0 for galore-torch: it decays after the update, we before).
 """
+
 import io
 import warnings
 
 import pytest
 import torch
-
 from helpers import TinyNet, batches, params_of, rel_err, train
+
 from lowrank_optim import FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, quant
 from lowrank_optim.convert import convert_state_dict, detect_source, foreign_state_message
 from lowrank_optim.groups import lowrank_param_groups
@@ -23,8 +24,7 @@ GAP = 5  # bases at steps 0, 5, 10, ...: resuming at 5 or 7 and running 8 more s
 
 def _groups(model, proj_type="std", scale_key="scale"):
     # attn is 40 x 24 (tall), mlp 24 x 40 (wide), mlp2 24 x 24 (square); the rest is dense
-    groups = lowrank_param_groups(model, ["attn", "mlp"], rank=4, update_proj_gap=GAP, scale=0.25,
-                                  proj_type=proj_type)
+    groups = lowrank_param_groups(model, ["attn", "mlp"], rank=4, update_proj_gap=GAP, scale=0.25, proj_type=proj_type)
     groups[0][scale_key] = groups[0].pop("scale")
     return groups
 
@@ -70,27 +70,42 @@ def _assert_equal(ref, ours):
         assert torch.equal(value, ref[name]), (name, rel_err(value, ref[name]))
 
 
-@pytest.mark.parametrize("proj_type,before,use_optimizer", [
-    ("std", 7, True), ("std", 5, False), ("reverse_std", 7, False), ("left", 7, True), ("right", 5, True)])
+@pytest.mark.parametrize(
+    "proj_type,before,use_optimizer",
+    [("std", 7, True), ("std", 5, False), ("reverse_std", 7, False), ("left", 7, True), ("right", 5, True)],
+)
 def test_galore_torch_adamw_resumes_here(proj_type, before, use_optimizer):
-    ref, ours, opt = _resume(lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2),
-                             lambda g: GaLoreAdamW(g, lr=1e-2), lambda m: _groups(m, proj_type), before,
-                             use_optimizer=use_optimizer)
+    ref, ours, opt = _resume(
+        lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2),
+        lambda g: GaLoreAdamW(g, lr=1e-2),
+        lambda m: _groups(m, proj_type),
+        before,
+        use_optimizer=use_optimizer,
+    )
     _assert_equal(ref, ours)
     low = opt.param_groups[0]["params"]
     assert all(opt.state[p]["step"] == before + 8 and opt.state[p]["proj_refreshes"] == 3 for p in low)
 
 
 def test_galore_torch_full_projection_resumes_here():
-    ref, ours, _ = _resume(lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2),
-                           lambda g: GaLoreAdamW(g, lr=1e-2), lambda m: _groups(m, "full"), 7)
+    ref, ours, _ = _resume(
+        lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2),
+        lambda g: GaLoreAdamW(g, lr=1e-2),
+        lambda m: _groups(m, "full"),
+        7,
+    )
     _assert_equal(ref, ours)
 
 
 @pytest.mark.parametrize("proj_type,use_optimizer", [("std", True), ("reverse_std", False)])
 def test_fira_resumes_here(proj_type, use_optimizer):
-    ref, ours, opt = _resume(lambda g: fira.FiraAdamW(g, lr=1e-2), lambda g: FiraAdamW(g, lr=1e-2),
-                             lambda m: _groups(m, proj_type, "alpha"), 7, use_optimizer=use_optimizer)
+    ref, ours, opt = _resume(
+        lambda g: fira.FiraAdamW(g, lr=1e-2),
+        lambda g: FiraAdamW(g, lr=1e-2),
+        lambda m: _groups(m, proj_type, "alpha"),
+        7,
+        use_optimizer=use_optimizer,
+    )
     _assert_equal(ref, ours)
     group = opt.param_groups[0]
     assert group["residual"] == "fira" and group["scale"] == 0.25 and "alpha" not in group
@@ -98,8 +113,9 @@ def test_fira_resumes_here(proj_type, use_optimizer):
 
 @pytest.mark.parametrize("options", [dict(lr=None, relative_step=True), dict(lr=1e-2, relative_step=False, beta1=0.9)])
 def test_galore_torch_adafactor_resumes_here(options):
-    ref, ours, opt = _resume(lambda g: galore_torch.GaLoreAdafactor(g, **options),
-                             lambda g: GaLoreAdafactor(g, **options), _groups, 7)
+    ref, ours, opt = _resume(
+        lambda g: galore_torch.GaLoreAdafactor(g, **options), lambda g: GaLoreAdafactor(g, **options), _groups, 7
+    )
     _assert_close(ref, ours, 1e-5)  # the parity tests' bound for Adafactor
     assert all("RMS" not in st and st["moment_step"] == 15 for st in opt.state.values())
 
@@ -108,8 +124,9 @@ def test_torch_adamw_resumes_here():
     def dense(model):
         return [{"params": list(model.parameters())}]
 
-    ref, ours, opt = _resume(lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.05),
-                             lambda g: GaLoreAdamW(g, lr=1e-3), dense, 6)
+    ref, ours, opt = _resume(
+        lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.05), lambda g: GaLoreAdamW(g, lr=1e-3), dense, 6
+    )
     _assert_close(ref, ours)
     group = opt.param_groups[0]
     assert group["eps"] == 1e-8 and group["weight_decay"] == 0.05 and group["eps_style"] == "torch"
@@ -148,8 +165,12 @@ def test_state_mapping_of_a_galore_torch_checkpoint():
             assert float(st["step"]) == 7 and "moment_step" not in st
     group = out["param_groups"][0]
     assert (group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"]) == (4, GAP, 0.25, "std")
-    assert (group["inner"], group["residual"], group["eps_style"], group["projector"]) == ("adam", "none", "galore",
-                                                                                          "svd")
+    assert (group["inner"], group["residual"], group["eps_style"], group["projector"]) == (
+        "adam",
+        "none",
+        "galore",
+        "svd",
+    )
 
 
 def test_fira_scaling_grad_becomes_the_previous_residual_norm():

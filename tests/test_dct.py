@@ -1,4 +1,5 @@
 """DCTAdamW: one shared DCT matrix per size, index-only state, rotation math, fft == matmul."""
+
 import pytest
 import torch
 
@@ -38,11 +39,17 @@ def test_defaults_and_aliases():
     w = torch.nn.Parameter(torch.randn(16, 24))
     opt = DCTAdamW([{"params": [w], "rank": 4}])
     d = opt.defaults
-    assert (d["projector"], d["update_proj_gap"], d["subspace_change"], d["dct_norm"], d["dct_impl"]) == \
-        ("dct", 1, "keep", "l1", "matmul")
+    assert (d["projector"], d["update_proj_gap"], d["subspace_change"], d["dct_norm"], d["dct_impl"]) == (
+        "dct",
+        1,
+        "keep",
+        "l1",
+        "matmul",
+    )
     assert DCTAdamW([w], rank=4, rotate_subspace=True).defaults["subspace_change"] == "rotate"
-    assert DCTAdamW([{"params": [w], "rank": 4, "rotate_subspace": True}]).param_groups[0]["subspace_change"] \
-        == "rotate"
+    assert (
+        DCTAdamW([{"params": [w], "rank": 4, "rotate_subspace": True}]).param_groups[0]["subspace_change"] == "rotate"
+    )
     with pytest.raises(ValueError, match="rotate_subspace"):
         DCTAdamW([w], rank=4, rotate_subspace=True, subspace_change="reset")
 
@@ -84,12 +91,12 @@ def test_rotation_math_on_constructed_case(rotate):
         opt.step()
     st = opt.state[w]
     assert st["proj_left_idx"].tolist() == [1, 2, 5]
-    m1, v1 = (1 - b1) * c1, (1 - b2) * c1 ** 2
+    m1, v1 = (1 - b1) * c1, (1 - b2) * c1**2
     if rotate:
         zero = torch.zeros(1, 16)
         m1, v1 = torch.cat([m1[1:], zero]), torch.cat([v1[1:], zero])
     assert torch.allclose(st["exp_avg"], b1 * m1 + (1 - b1) * c2, atol=1e-5)
-    assert torch.allclose(st["exp_avg_sq"], b2 * v1 + (1 - b2) * c2 ** 2, atol=1e-5)
+    assert torch.allclose(st["exp_avg_sq"], b2 * v1 + (1 - b2) * c2**2, atol=1e-5)
 
 
 def test_rotate_keeps_training():

@@ -1,10 +1,11 @@
 """The engine: dense groups equal torch AdamW, shapes and sides, dtype policy, bad input, all-or-nothing steps."""
+
 import math
 
 import pytest
 import torch
-
 from helpers import TinyNet, batches, loss_of, params_of, rel_err, train
+
 from lowrank_optim import GaLoreAdamW, LowRankOptimizer
 from lowrank_optim.groups import lowrank_param_groups
 from lowrank_optim.optimizer import matrix_shape, side_for
@@ -87,8 +88,11 @@ def test_bf16_parameters_keep_fp32_states():
         opt.step()
     assert w.dtype == torch.bfloat16 and not torch.equal(w, before)
     for p in (w, b):
-        assert all(v.dtype == torch.float32 for k, v in opt.state[p].items()
-                   if isinstance(v, torch.Tensor) and v.is_floating_point())
+        assert all(
+            v.dtype == torch.float32
+            for k, v in opt.state[p].items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        )
 
 
 def test_state_dtype_is_configurable():
@@ -106,7 +110,7 @@ def test_lr_scheduler_and_grad_scaler_work_unchanged():
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     train(model, opt, batches(10), sched)
     assert opt.param_groups[0]["lr"] < 1e-3
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for idx in batches(3):
         opt.zero_grad()
         scaler.scale(loss_of(model, idx)).backward()
@@ -117,11 +121,23 @@ def test_lr_scheduler_and_grad_scaler_work_unchanged():
 
 # ----------------------------------------------------------------------------- bad input
 BAD_GROUP_VALUES = [
-    ("rank", 0), ("rank", -2), ("rank", 2.5), ("rank", True),
-    ("update_proj_gap", 0), ("update_proj_gap", -1), ("scale", 0.0), ("scale", -1.0),
-    ("proj_type", "diagonal"), ("projector", "wavelet"),
-    ("lr", -1e-3), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)),
-    ("state_bits", 4), ("subspace_change", "shuffle"),
+    ("rank", 0),
+    ("rank", -2),
+    ("rank", 2.5),
+    ("rank", True),
+    ("update_proj_gap", 0),
+    ("update_proj_gap", -1),
+    ("scale", 0.0),
+    ("scale", -1.0),
+    ("proj_type", "diagonal"),
+    ("projector", "wavelet"),
+    ("lr", -1e-3),
+    ("eps", -1e-8),
+    ("weight_decay", -0.1),
+    ("betas", (1.0, 0.999)),
+    ("betas", (0.9, -0.1)),
+    ("state_bits", 4),
+    ("subspace_change", "shuffle"),
 ]
 
 
@@ -182,14 +198,20 @@ def _model_and_opt(**kw):
 
 
 def _snapshot(opt):
-    return {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-            for p, st in opt.state.items()}
+    return {
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        for p, st in opt.state.items()
+    }
 
 
 def _same_state(a, b):
     return a.keys() == b.keys() and all(
-        a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) if isinstance(a[i][k], torch.Tensor)
-                                           else a[i][k] == b[i][k] for k in a[i]) for i in a)
+        a[i].keys() == b[i].keys()
+        and all(
+            torch.equal(a[i][k], b[i][k]) if isinstance(a[i][k], torch.Tensor) else a[i][k] == b[i][k] for k in a[i]
+        )
+        for i in a
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -262,8 +284,9 @@ def test_failed_first_svd_updates_nothing(monkeypatch):
 
 def test_state_bytes_counts_every_state_tensor():
     model, opt = _model_and_opt()
-    expected = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                   if isinstance(v, torch.Tensor))
+    expected = sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    )
     assert opt.state_bytes() == expected > 0
     attn = opt.state[model.attn.weight]
     assert attn["exp_avg"].numel() == 40 * 4 and attn["proj_right"].numel() == 24 * 4

@@ -1,4 +1,5 @@
 """FiraAdamW: parity with the released ``fira`` package, the limiter, the paper variant, the floor, no host sync."""
+
 import warnings
 
 import pytest
@@ -30,7 +31,7 @@ def train(opt_factory, steps, seed=0, growth=1.0):
     opt = opt_factory(params)
     for t in range(steps):
         opt.zero_grad()
-        (loss_fn(params) * growth ** t).backward()
+        (loss_fn(params) * growth**t).backward()
         opt.step()
     return init, params, opt
 
@@ -90,11 +91,16 @@ def test_limiter_bounds_growth_and_stores_post_limit_norm(monkeypatch, variant):
     records = capture_fira(monkeypatch)
     gamma = 1.01
     # One weight; the loss is multiplied by 1.3 every step so the raw residual grows far faster than gamma.
-    train(lambda ps: FiraAdamW([{"params": ps[:1], "rank": 4, "update_proj_gap": 5}], lr=1e-3,
-                               fira_gamma=gamma, fira_residual=variant), 30, growth=1.3)
+    train(
+        lambda ps: FiraAdamW(
+            [{"params": ps[:1], "rank": 4, "update_proj_gap": 5}], lr=1e-3, fira_gamma=gamma, fira_residual=variant
+        ),
+        30,
+        growth=1.3,
+    )
     assert len(records) == 30
     limited = 0
-    for (prev_norm, prev_stored), (norm, stored) in zip(records, records[1:]):
+    for (_, prev_stored), (norm, stored) in zip(records, records[1:]):
         assert norm <= gamma * prev_stored * (1 + 1e-5) + 1e-7
         assert stored == pytest.approx(norm, rel=1e-5)
         limited += norm >= gamma * prev_stored * (1 - 1e-4)
@@ -136,8 +142,9 @@ def test_floor_unlocks_a_residual_that_started_near_zero():
 
     def second_norm(floor):
         w = torch.nn.Parameter(torch.zeros(m, n))
-        opt = FiraAdamW([{"params": [w], "rank": r, "update_proj_gap": 100}], lr=1e-3, fira_residual="paper",
-                        fira_floor=floor)
+        opt = FiraAdamW(
+            [{"params": [w], "rank": r, "update_proj_gap": 100}], lr=1e-3, fira_residual="paper", fira_floor=floor
+        )
         w.grad = g1.clone()
         opt.step()
         first = opt.state[w]["fira_prev_norm"].item()
@@ -175,8 +182,12 @@ def test_residual_rule_makes_no_host_sync(monkeypatch, variant, floor):
         return out
 
     monkeypatch.setitem(residual.RESIDUAL_RULES, "fira", Wrapped(original, guarded))
-    train(lambda ps: FiraAdamW([{"params": ps, "rank": 4, "update_proj_gap": 2}], lr=1e-3,
-                               fira_residual=variant, fira_floor=floor), 3)
+    train(
+        lambda ps: FiraAdamW(
+            [{"params": ps, "rank": 4, "update_proj_gap": 2}], lr=1e-3, fira_residual=variant, fira_floor=floor
+        ),
+        3,
+    )
     assert len(calls) == 9  # 3 weights x 3 steps, with the limiter and a refresh in between
 
 

@@ -1,4 +1,5 @@
 """FrugalAdamW: an independent in-test reference of the update rule, the rho = 1 / rho = 0 limits, blocks."""
+
 import io
 import math
 
@@ -79,9 +80,22 @@ def test_matches_independent_reference(reset):
     init, grads = problem(2)
     kw = dict(lr=1e-2, wd=0.1, eps=1e-8, density=0.25, gap=3, scale=0.5, inactive_scale=0.3, reset=reset)
     expected = reference_projected(init, grads, 10, **kw)
-    params, opt = run(init, grads, lambda ps: FrugalAdamW(
-        [{"params": ps, "density": 0.25}], lr=1e-2, weight_decay=0.1, eps=1e-8, update_proj_gap=3,
-        proj_params_lr_scale=0.5, inactive_lr_scale=0.3, reset_statistics=reset, select="norm"), 10)
+    params, opt = run(
+        init,
+        grads,
+        lambda ps: FrugalAdamW(
+            [{"params": ps, "density": 0.25}],
+            lr=1e-2,
+            weight_decay=0.1,
+            eps=1e-8,
+            update_proj_gap=3,
+            proj_params_lr_scale=0.5,
+            inactive_lr_scale=0.3,
+            reset_statistics=reset,
+            select="norm",
+        ),
+        10,
+    )
     for p, e in zip(params, expected):
         assert close(p, e), ((p.detach() - e).norm() / e.norm()).item()
     # 24 of the projected side's 24 -> r = 6 coordinates of Adam state per row / column
@@ -96,8 +110,10 @@ def reference_blocks(init, grads, steps, lr, wd, eps, active_sets, gap, inactive
     for step in range(steps):
         if step % gap == 0:
             active = active_sets[step // gap]
-            st = [dict(m=torch.zeros_like(w), v=torch.zeros_like(w), t=0) if i in active else None
-                  for i, w in enumerate(ws)]
+            st = [
+                dict(m=torch.zeros_like(w), v=torch.zeros_like(w), t=0) if i in active else None
+                for i, w in enumerate(ws)
+            ]
         gs = grads(ws)
         for i, (w, G) in enumerate(zip(ws, gs)):
             w = w * (1 - lr * wd)
@@ -116,11 +132,31 @@ def reference_blocks(init, grads, steps, lr, wd, eps, active_sets, gap, inactive
 def test_blocks_match_independent_reference():
     init, grads = problem(4)
     # descending, 4 matrices, rho 0.5: {3, 2}, then {1, 0}, then {3, 2} again
-    expected = reference_blocks(init, grads, 10, lr=1e-2, wd=0.1, eps=1e-8,
-                                active_sets=[{3, 2}, {1, 0}, {3, 2}, {1, 0}], gap=3, inactive_scale=0.5)
-    params, _ = run(init, grads, lambda ps: FrugalAdamW(
-        [{"params": ps, "density": 0.5}], projector="blocks", block_order="descending", lr=1e-2,
-        weight_decay=0.1, update_proj_gap=3, inactive_lr_scale=0.5), 10)
+    expected = reference_blocks(
+        init,
+        grads,
+        10,
+        lr=1e-2,
+        wd=0.1,
+        eps=1e-8,
+        active_sets=[{3, 2}, {1, 0}, {3, 2}, {1, 0}],
+        gap=3,
+        inactive_scale=0.5,
+    )
+    params, _ = run(
+        init,
+        grads,
+        lambda ps: FrugalAdamW(
+            [{"params": ps, "density": 0.5}],
+            projector="blocks",
+            block_order="descending",
+            lr=1e-2,
+            weight_decay=0.1,
+            update_proj_gap=3,
+            inactive_lr_scale=0.5,
+        ),
+        10,
+    )
     for p, e in zip(params, expected):
         assert close(p, e)
 
@@ -147,9 +183,19 @@ def test_density_one_without_reset_is_adamw(projector):
     so we compare with torch.optim.AdamW itself at its default eps."""
     init, grads = problem(4)
     ref, _ = run(init, grads, lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), 12)
-    ours, opt = run(init, grads, lambda ps: FrugalAdamW(
-        [{"params": ps, "density": 1.0}], projector=projector, lr=1e-2, weight_decay=0.1, update_proj_gap=4,
-        reset_statistics=False), 12)
+    ours, opt = run(
+        init,
+        grads,
+        lambda ps: FrugalAdamW(
+            [{"params": ps, "density": 1.0}],
+            projector=projector,
+            lr=1e-2,
+            weight_decay=0.1,
+            update_proj_gap=4,
+            reset_statistics=False,
+        ),
+        12,
+    )
     for a, b in zip(ours, ref):
         assert close(a, b.detach(), 1e-6)
     assert all("exp_avg" in opt.state[p] for p in ours)
@@ -162,9 +208,19 @@ def test_density_zero_is_signsgd(projector):
     ws = [w.clone() for w in init]
     for _ in range(8):
         ws = [w * (1 - lr * wd) - lr * scale * g.sign() for w, g in zip(ws, grads(ws))]
-    ours, opt = run(init, grads, lambda ps: FrugalAdamW(
-        [{"params": ps, "density": 0.0}], projector=projector, lr=lr, weight_decay=wd, inactive_lr_scale=scale,
-        update_proj_gap=3), 8)
+    ours, opt = run(
+        init,
+        grads,
+        lambda ps: FrugalAdamW(
+            [{"params": ps, "density": 0.0}],
+            projector=projector,
+            lr=lr,
+            weight_decay=wd,
+            inactive_lr_scale=scale,
+            update_proj_gap=3,
+        ),
+        8,
+    )
     for a, b in zip(ours, ws):
         assert close(a, b, 1e-6)
     assert opt.state_bytes() == 0  # state-free: no tensor anywhere
@@ -178,8 +234,9 @@ def tensor_keys(state):
 def test_blocks_free_inactive_state():
     init, grads = problem(4)
     params = [torch.nn.Parameter(w.clone()) for w in init]
-    opt = FrugalAdamW([{"params": params, "density": 0.5}], projector="blocks", block_order="ascending",
-                      update_proj_gap=2, lr=1e-2)
+    opt = FrugalAdamW(
+        [{"params": params, "density": 0.5}], projector="blocks", block_order="ascending", update_proj_gap=2, lr=1e-2
+    )
     for step in range(6):
         for p, g in zip(params, grads(params)):
             p.grad = g.clone()
@@ -211,8 +268,9 @@ def test_param_without_grad_at_refresh_is_skipped(projector):
 @pytest.mark.parametrize("order", ["random", "mirror"])
 def test_blocks_resume_mid_interval_is_exact(order):
     init, grads = problem(4)
-    factory = lambda ps: FrugalAdamW([{"params": ps, "density": 0.5}], projector="blocks", block_order=order,
-                                     update_proj_gap=4, lr=1e-2, seed=3)
+    factory = lambda ps: FrugalAdamW(
+        [{"params": ps, "density": 0.5}], projector="blocks", block_order=order, update_proj_gap=4, lr=1e-2, seed=3
+    )
     params, opt = run(init, grads, factory, 6)  # stop mid-period (periods start at 0, 4, 8)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
@@ -233,8 +291,9 @@ def test_blocks_resume_mid_interval_is_exact(order):
 def test_group_options_and_validation():
     w = [torch.nn.Parameter(torch.randn(16, 12)) for _ in range(3)]
     b = torch.nn.Parameter(torch.zeros(16))
-    opt = FrugalAdamW([{"params": [b]}, {"params": w, "is_proj_params": True, "proj_params_lr_scale": 2.0,
-                                        "reset_statistics": False}])
+    opt = FrugalAdamW(
+        [{"params": [b]}, {"params": w, "is_proj_params": True, "proj_params_lr_scale": 2.0, "reset_statistics": False}]
+    )
     g = opt.param_groups[1]
     assert (g["density"], g["scale"], g["subspace_change"]) == (0.25, 2.0, "keep")
     assert "density" not in opt.param_groups[0]  # untargeted: plain AdamW

@@ -2,12 +2,13 @@
 
 Intentional difference (not exercised here, weight decay 0 as agreed): we apply decoupled weight decay before the
 update, as torch.optim.AdamW does; galore-torch applies it after. The difference is O(lr^2 * wd)."""
+
 import warnings
 
 import pytest
 import torch
-
 from helpers import rel_err
+
 from lowrank_optim import GaLoreAdafactor, GaLoreAdamW
 
 galore_torch = pytest.importorskip("galore_torch")
@@ -37,7 +38,9 @@ def test_adamw_matches_galore_torch(shape, proj_type):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = _run(lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2), shape, proj_type)
-    ours = _run(lambda g: GaLoreAdamW(g, lr=1e-2, basis_sign="none"), shape, proj_type)  # raw SVD signs, as galore-torch
+    ours = _run(
+        lambda g: GaLoreAdamW(g, lr=1e-2, basis_sign="none"), shape, proj_type
+    )  # raw SVD signs, as galore-torch
     assert rel_err(ours, ref) < 1e-5
 
 
@@ -47,15 +50,15 @@ def test_adamw_matches_galore_torch(shape, proj_type):
 def test_adafactor_matches_galore_torch(shape, proj_type, relative_step):
     lr = None if relative_step else 1e-2
     ref = _run(lambda g: galore_torch.GaLoreAdafactor(g, lr=lr, relative_step=relative_step), shape, proj_type)
-    ours = _run(lambda g: GaLoreAdafactor(g, lr=lr, relative_step=relative_step, basis_sign="none"), shape,
-                proj_type)
+    ours = _run(lambda g: GaLoreAdafactor(g, lr=lr, relative_step=relative_step, basis_sign="none"), shape, proj_type)
     assert rel_err(ours, ref) < 1e-5
 
 
 def test_adafactor_with_first_moment_matches():
     make_ref = lambda g: galore_torch.GaLoreAdafactor(g, lr=1e-2, relative_step=False, beta1=0.9)  # noqa: E731
-    ours = _run(lambda g: GaLoreAdafactor(g, lr=1e-2, relative_step=False, beta1=0.9, basis_sign="none"), (40, 24),
-                "std")
+    ours = _run(
+        lambda g: GaLoreAdafactor(g, lr=1e-2, relative_step=False, beta1=0.9, basis_sign="none"), (40, 24), "std"
+    )
     assert rel_err(ours, _run(make_ref, (40, 24), "std")) < 1e-5
 
 

@@ -1,8 +1,9 @@
 """Layer-wise updates inside backward equal ordinary training, and free gradients as they go."""
+
 import pytest
 import torch
-
 from helpers import TinyNet, batches, loss_of, params_of
+
 from lowrank_optim import GaLoreAdamW
 from lowrank_optim.groups import lowrank_param_groups
 from lowrank_optim.layerwise import LayerwiseOptimizer
@@ -20,7 +21,7 @@ def _reference(data, k):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for i in range(0, len(data), k):
         opt.zero_grad()
-        for idx in data[i:i + k]:
+        for idx in data[i : i + k]:
             (loss_of(model, idx) / k).backward()
         opt.step()
         sched.step()
@@ -36,7 +37,8 @@ def _layerwise(data, k, peak=None):
     if peak is not None:  # live gradient bytes seen at every hook, recorded after layer-wise ones ran
         for p in params:
             p.register_post_accumulate_grad_hook(
-                lambda _: live.append(sum(q.grad.numel() * 4 for q in params if q.grad is not None)))
+                lambda _: live.append(sum(q.grad.numel() * 4 for q in params if q.grad is not None))
+            )
     for idx in data:
         (loss_of(model, idx) / k).backward()
         if lw.boundary:

@@ -4,6 +4,7 @@ Checked on the benchmark LLaMA-60M weight shapes: every distinct projected matri
 layer: 512x512, 1376x512, 512x1376) trained a real step, with the vocabulary cut to 2048 to keep CI fast (embedding
 and head go through the same dense rule whatever their size); the full-depth estimate is the 1-layer one plus
 (L-1) layers. benchmarks/results/state_bytes_llama60m.md has the full-size table."""
+
 import warnings
 
 import pytest
@@ -16,10 +17,16 @@ from benchmarks.model import load_config  # noqa: E402
 
 # every projector once (with GaLore), every method at both precisions on the cheap ``columns`` subspace (SST
 # always factors W), and a few mixed ones: the byte formulas are per part, so this covers every combination's parts
-CASES = ([("galore", p, 32) for p in ("svd", "rsvd", "random", "dct", "columns", "sst")]
-         + [(m, "columns", b) for m in ("adamw", "galore", "galore_adafactor", "fira", "frugal", "dct", "sst")
-            for b in (32, 8) if (m, b) != ("galore", 32)]
-         + [("frugal-density", "columns", 8), ("fira", "dct", 8), ("galore", "svd", 8)])
+CASES = (
+    [("galore", p, 32) for p in ("svd", "rsvd", "random", "dct", "columns", "sst")]
+    + [
+        (m, "columns", b)
+        for m in ("adamw", "galore", "galore_adafactor", "fira", "frugal", "dct", "sst")
+        for b in (32, 8)
+        if (m, b) != ("galore", 32)
+    ]
+    + [("frugal-density", "columns", 8), ("fira", "dct", 8), ("galore", "svd", 8)]
+)
 
 
 def _llama(layers, device=None, vocab=2048):

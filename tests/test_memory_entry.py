@@ -1,4 +1,5 @@
 """`python -m benchmarks.memory`: the table is written and its numbers are the estimator's."""
+
 import pytest
 
 pytest.importorskip("transformers")

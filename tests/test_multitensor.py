@@ -1,5 +1,6 @@
 """The multi-tensor core: dense groups equal torch's AdamW per implementation, steps gated on the device (no host
 read between refreshes, no graph break under torch.compile), odd layouts and dtypes, copies."""
+
 import copy
 import pickle
 
@@ -8,8 +9,7 @@ import torch
 import torch._dynamo as dynamo
 
 import lowrank_optim as lo
-from lowrank_optim.optimizer import OVERFLOW
-from tests.helpers import TinyNet, batches, lowrank_groups_for, loss_of, params_of, rel_err, train
+from tests.helpers import TinyNet, batches, loss_of, lowrank_groups_for, params_of, rel_err, train
 
 
 def _dense_params(seed=0):
@@ -82,7 +82,7 @@ def test_overflowing_gradient_skips_between_refreshes_without_touching_anything(
     assert all(torch.equal(before[k], v) for k, v in params_of(model).items())
     for p, st in opt.state.items():
         for k, v in st.items():
-            assert (torch.equal(v, state[id(p)][k]) if torch.is_tensor(v) else v == state[id(p)][k]), k
+            assert torch.equal(v, state[id(p)][k]) if torch.is_tensor(v) else v == state[id(p)][k], k
     train(model, opt, batches(3, seed=3))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(v).all() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))

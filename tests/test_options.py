@@ -1,29 +1,72 @@
 """Declared options: every option rejects a wrong value naming it; misspelled and misplaced keys raise; free-form
 keys pass; the registry drives the constructors and the estimator."""
+
 import math
 
 import pytest
 import torch
 
 import lowrank_optim as lo
-from lowrank_optim.optimizer import ENGINE_OPTIONS, ROUTES, all_options, part_options
 from lowrank_optim.inner import INNER_RULES
+from lowrank_optim.optimizer import ENGINE_OPTIONS, ROUTES, all_options, part_options
 from lowrank_optim.projectors import PROJECTORS
 from lowrank_optim.registry import METHODS, method
 from lowrank_optim.residual import RESIDUAL_RULES
 
 BAD = {  # a wrong value per declared option (by the kind of check it declares)
-    "lr": -1.0, "weight_decay": float("nan"), "maximize": 1, "rank": 0, "density": 1.5, "update_proj_gap": 0,
-    "scale": float("inf"), "proj_type": "diag", "projector": "wavelet", "seed": 1.5, "subspace_change": "shuffle",
-    "inner": "sgd", "residual": "magic", "route": "teleport", "state_bits": 4, "state_dtype": "int8",
-    "min_8bit_size": 0, "fused": "yes", "foreach": 2, "betas": (0.9, 1.0), "eps": float("nan"),
-    "correct_bias": "no", "eps_style": "hf", "fira_gamma": 0.5, "fira_residual": "other", "fira_floor": -1.0,
-    "inactive_update": "adam", "inactive_lr_scale": float("nan"), "scale_type": "row", "scale_front": "no",
-    "apollo_gamma": 0.0, "oversample": -1, "power_iters": -1, "dct_norm": "l3", "dct_impl": "dft",
-    "select": "best", "sst_weight": 2.0, "block_order": "sideways", "sst_round": 0, "factor_dtype": "int8",
-    "clip_threshold": 0.0, "decay_rate": 0.5, "beta1": 1.0, "scale_parameter": "yes", "relative_step": 1,
-    "warmup_init": "no", "adaptive_gap": "yes", "gap_overlap": 1.5, "max_proj_gap": 0, "basis_bits": 16,
-    "basis_sign": "raw", "disable_nl": "no", "random_style": "gauss",
+    "lr": -1.0,
+    "weight_decay": float("nan"),
+    "maximize": 1,
+    "rank": 0,
+    "density": 1.5,
+    "update_proj_gap": 0,
+    "scale": float("inf"),
+    "proj_type": "diag",
+    "projector": "wavelet",
+    "seed": 1.5,
+    "subspace_change": "shuffle",
+    "inner": "sgd",
+    "residual": "magic",
+    "route": "teleport",
+    "state_bits": 4,
+    "state_dtype": "int8",
+    "min_8bit_size": 0,
+    "fused": "yes",
+    "foreach": 2,
+    "betas": (0.9, 1.0),
+    "eps": float("nan"),
+    "correct_bias": "no",
+    "eps_style": "hf",
+    "fira_gamma": 0.5,
+    "fira_residual": "other",
+    "fira_floor": -1.0,
+    "inactive_update": "adam",
+    "inactive_lr_scale": float("nan"),
+    "scale_type": "row",
+    "scale_front": "no",
+    "apollo_gamma": 0.0,
+    "oversample": -1,
+    "power_iters": -1,
+    "dct_norm": "l3",
+    "dct_impl": "dft",
+    "select": "best",
+    "sst_weight": 2.0,
+    "block_order": "sideways",
+    "sst_round": 0,
+    "factor_dtype": "int8",
+    "clip_threshold": 0.0,
+    "decay_rate": 0.5,
+    "beta1": 1.0,
+    "scale_parameter": "yes",
+    "relative_step": 1,
+    "warmup_init": "no",
+    "adaptive_gap": "yes",
+    "gap_overlap": 1.5,
+    "max_proj_gap": 0,
+    "basis_bits": 16,
+    "basis_sign": "raw",
+    "disable_nl": "no",
+    "random_style": "gauss",
 }
 
 # the parts a group must select for an option to be in play
@@ -48,8 +91,10 @@ def test_every_declared_option_rejects_a_wrong_value_naming_it(name):
     group = {"params": [w], "rank": 4, **SELECT[name], name: BAD[name]}
     if name == "density":
         group.pop("rank")
-    if name in ("eps", "beta1", "clip_threshold", "decay_rate", "scale_parameter", "relative_step",
-                "warmup_init") and group.get("inner") == "adafactor":
+    if (
+        name in ("eps", "beta1", "clip_threshold", "decay_rate", "scale_parameter", "relative_step", "warmup_init")
+        and group.get("inner") == "adafactor"
+    ):
         group.setdefault("relative_step", True)
     with pytest.raises(ValueError) as err:
         lo.LowRankOptimizer([group])
@@ -61,8 +106,13 @@ def test_a_bad_value_set_after_construction_is_refused_at_the_step():
     w = torch.nn.Parameter(torch.randn(16, 12))
     opt = lo.GaLoreAdamW([{"params": [w], "rank": 4}])
     w.grad = torch.randn_like(w)
-    for key, value in (("lr", float("nan")), ("lr", torch.tensor(float("nan"))), ("scale", float("inf")),
-                       ("weight_decay", float("inf")), ("eps", float("nan"))):
+    for key, value in (
+        ("lr", float("nan")),
+        ("lr", torch.tensor(float("nan"))),
+        ("scale", float("inf")),
+        ("weight_decay", float("inf")),
+        ("eps", float("nan")),
+    ):
         good = opt.param_groups[0][key]
         opt.param_groups[0][key] = value
         before = w.detach().clone()
@@ -74,15 +124,18 @@ def test_a_bad_value_set_after_construction_is_refused_at_the_step():
     assert not torch.equal(w, before)
 
 
-@pytest.mark.parametrize("cls,group,likely", [
-    (lo.FiraAdamW, dict(rank=4, gamma=0.5), "fira_gamma"),
-    (lo.GaLoreAdamW, dict(rank=4, update_proj_gaps=10), "update_proj_gap"),
-    (lo.DCTAdamW, dict(ranks=4), "rank"),
-    (lo.FiraAdamW, dict(rank=4, fira_gama=1.1), "fira_gamma"),
-    (lo.GaLoreAdamW, dict(rank=4, fira_gamma=1.1), "residual 'fira'"),  # misplaced: GaLore has no Fira residual
-    (lo.GaLoreAdamW, dict(rank=4, oversample=3), "projector 'rsvd'"),
-    (lo.GaLoreAdamW, dict(rank=4, block_order="random"), "projector 'blocks'"),
-])
+@pytest.mark.parametrize(
+    "cls,group,likely",
+    [
+        (lo.FiraAdamW, dict(rank=4, gamma=0.5), "fira_gamma"),
+        (lo.GaLoreAdamW, dict(rank=4, update_proj_gaps=10), "update_proj_gap"),
+        (lo.DCTAdamW, dict(ranks=4), "rank"),
+        (lo.FiraAdamW, dict(rank=4, fira_gama=1.1), "fira_gamma"),
+        (lo.GaLoreAdamW, dict(rank=4, fira_gamma=1.1), "residual 'fira'"),  # misplaced: GaLore has no Fira residual
+        (lo.GaLoreAdamW, dict(rank=4, oversample=3), "projector 'rsvd'"),
+        (lo.GaLoreAdamW, dict(rank=4, block_order="random"), "projector 'blocks'"),
+    ],
+)
 def test_misspelled_and_misplaced_keys_raise_with_the_likely_option(cls, group, likely):
     w = torch.nn.Parameter(torch.randn(16, 12))
     if likely is None:
@@ -154,6 +207,7 @@ def test_estimate_uses_the_registry_names_and_aliases():
 
     model = TinyNet()
     a = estimate_state_bytes(model, "galore", rank=4)
-    assert a == estimate_state_bytes(model, "GaLore-AdamW", rank=4) == estimate_state_bytes(model, "galore_adamw",
-                                                                                              rank=4)
+    assert (
+        a == estimate_state_bytes(model, "GaLore-AdamW", rank=4) == estimate_state_bytes(model, "galore_adamw", rank=4)
+    )
     assert math.isfinite(a) and a > 0

@@ -1,5 +1,6 @@
 """The ``power`` projector: warm-started subspace iteration converges to the top-r SVD subspace, tracks a slowly
 changing gradient, keeps a converged basis still, and never takes a full SVD."""
+
 import math
 
 import pytest
@@ -16,8 +17,9 @@ def gapped(m, n, r, seed=0, drift=None):
     k = min(m, n)
     u = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64)).Q
     v = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
-    sigma = torch.cat([torch.linspace(10, 6, r, dtype=torch.float64), torch.linspace(1, 0.1, k - r,
-                                                                                      dtype=torch.float64)])
+    sigma = torch.cat(
+        [torch.linspace(10, 6, r, dtype=torch.float64), torch.linspace(1, 0.1, k - r, dtype=torch.float64)]
+    )
     return u, sigma, v
 
 
@@ -70,8 +72,7 @@ def test_tracks_a_slowly_rotating_gradient_vector_by_vector(iters):
     m, n, r = 48, 32, 6
     u, sigma, v = gapped(m, n, r, seed=1)
     gen = torch.Generator().manual_seed(2)
-    turn = torch.linalg.matrix_exp(0.02 * (lambda a: a - a.t())(torch.randn(m, m, generator=gen,
-                                                                              dtype=torch.float64)))
+    turn = torch.linalg.matrix_exp(0.02 * (lambda a: a - a.t())(torch.randn(m, m, generator=gen, dtype=torch.float64)))
     proj = make_projector("power", r, "left", (m, n), power_iters=iters)
     state = {"proj_refreshes": 0}
     lag = 0.0
@@ -84,12 +85,16 @@ def test_tracks_a_slowly_rotating_gradient_vector_by_vector(iters):
         err = sin_angle(p, u[:, :r])
         if step:  # the first refresh is the seeded randomized SVD
             # the guess starts (lag + drift) away and each iteration divides that by (sigma_r / sigma_{r+1})^2
-            assert err <= 2 * (lag + drift) / 36 ** iters + 2e-5, (step, err, lag, drift)
+            assert err <= 2 * (lag + drift) / 36**iters + 2e-5, (step, err, lag, drift)
         assert drift > 0.05 and err < 0.01
         lag = err
         # Rayleigh-Ritz: the vectors are the singular vectors themselves, in order (up to sign)
-        torch.testing.assert_close((p.double().t() @ u[:, :r]).abs(), torch.eye(r, dtype=torch.float64),
-                                   atol=0.05 if iters == 1 else 1e-3, rtol=0)
+        torch.testing.assert_close(
+            (p.double().t() @ u[:, :r]).abs(),
+            torch.eye(r, dtype=torch.float64),
+            atol=0.05 if iters == 1 else 1e-3,
+            rtol=0,
+        )
 
 
 def test_converged_basis_stays_put():

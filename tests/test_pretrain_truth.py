@@ -2,6 +2,7 @@
 really trains with them), checkpoints carry a checksum and `--resume auto` falls back past a corrupt one, the log
 is cut back to the resumed step, a NaN loss stops the run with status 3, and the end of a run says where its
 summary is."""
+
 import json
 import os
 import shutil
@@ -13,9 +14,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
+
 from benchmarks import checkpoint  # noqa: E402
 from benchmarks.pretrain import cosine_with_min_lr, main  # noqa: E402
-from bench_support import one_torch_thread  # noqa: E402,F401 - autouse fixture
 
 FILES = ["textwrap.py", "bisect.py", "heapq.py", "shlex.py", "fnmatch.py", "glob.py", "copy.py"]
 
@@ -29,10 +31,35 @@ def corpus(tmp_path_factory):
 
 
 def argv(corpus, out, *extra):
-    return ["--model", "llama_micro", "--data", str(corpus), "--cache-dir", str(corpus.parent / "cache"),
-            "--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--output-dir", str(out),
-            "--device", "cpu", "--log-every", "0", "--optimizer", "galore", "--max-steps", "4", "--save-every", "2",
-            "--keep-checkpoints", "5", *extra]
+    return [
+        "--model",
+        "llama_micro",
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(corpus.parent / "cache"),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-batches",
+        "1",
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--log-every",
+        "0",
+        "--optimizer",
+        "galore",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "5",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +108,19 @@ def test_resume_with_other_options_is_refused_listing_each_difference(finished_r
     err = capsys.readouterr().err.strip().splitlines()
     assert "3 training option(s) differ" in err[-4] and "--override" in err[-4]
     assert [line.strip() for line in err[-3:]] == [  # one line per difference
-        "--lr: checkpoint 0.01, this run 0.5", "--seed: checkpoint 0, this run 7",
-        "--weight-decay: checkpoint 0.0, this run 0.1"]
+        "--lr: checkpoint 0.01, this run 0.5",
+        "--seed: checkpoint 0, this run 7",
+        "--weight-decay: checkpoint 0.0, this run 0.1",
+    ]
     # options the saved state's shapes depend on cannot be overridden at all
     with pytest.raises(SystemExit) as info:
         main(argv(corpus, run, "--resume", "auto", "--rank", "4", "--lr", "0.5", "--override"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and "not even --override" in err[-2] and err[-1].strip() == (
-        "--rank: checkpoint 16, this run 4")
+    assert (
+        info.value.code == 2
+        and "not even --override" in err[-2]
+        and err[-1].strip() == ("--rank: checkpoint 16, this run 4")
+    )
     assert (run / "summary.json").read_bytes() == before  # nothing was trained or rewritten
 
 

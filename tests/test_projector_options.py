@@ -1,5 +1,6 @@
 """Declared projector options: every constructor option is declared with its real default, a check that accepts
 the valid values and rejects others, and a doc; constructors raise ValueError naming the key."""
+
 import inspect
 
 import pytest
@@ -16,13 +17,30 @@ DECLARED = {
     "columns": {"select"},
     "blocks": {"block_order"},
 }
-VALID = {"basis_bits": [32, 8, 4], "basis_sign": ["align", "none"], "oversample": [0, 10], "power_iters": [1, 3],
-         "sst_weight": [0.0, 0.5, 1, 1.0], "random_style": ["orthonormal", "apollo"], "dct_norm": ["l1", "l2"],
-         "dct_impl": ["matmul", "fft"], "select": ["random", "norm"],
-         "block_order": ["random", "ascending", "descending", "mirror"]}
-INVALID = {"basis_bits": [16, 8.0, "8", True], "basis_sign": ["raw", None], "oversample": [-1, 2.0],
-           "power_iters": [-1, 1.5, True], "sst_weight": [-0.1, 1.5, "0.5"], "random_style": ["gauss", None],
-           "dct_norm": ["linf"], "dct_impl": ["dft"], "select": ["top"], "block_order": ["sideways", 0]}
+VALID = {
+    "basis_bits": [32, 8, 4],
+    "basis_sign": ["align", "none"],
+    "oversample": [0, 10],
+    "power_iters": [1, 3],
+    "sst_weight": [0.0, 0.5, 1, 1.0],
+    "random_style": ["orthonormal", "apollo"],
+    "dct_norm": ["l1", "l2"],
+    "dct_impl": ["matmul", "fft"],
+    "select": ["random", "norm"],
+    "block_order": ["random", "ascending", "descending", "mirror"],
+}
+INVALID = {
+    "basis_bits": [16, 8.0, "8", True],
+    "basis_sign": ["raw", None],
+    "oversample": [-1, 2.0],
+    "power_iters": [-1, 1.5, True],
+    "sst_weight": [-0.1, 1.5, "0.5"],
+    "random_style": ["gauss", None],
+    "dct_norm": ["linf"],
+    "dct_impl": ["dft"],
+    "select": ["top"],
+    "block_order": ["sideways", 0],
+}
 
 
 def constructor_defaults(cls):

@@ -1,4 +1,5 @@
 """Contract and math tests for every projector (small CPU shapes, fast)."""
+
 import copy
 import io
 import math
@@ -287,8 +288,10 @@ def test_svd_recovers_top_singular_vectors():
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_rsvd_matches_svd_subspace_on_low_rank_plus_noise(side):
     grad, _, _ = _known_spectrum(60, 40, [50.0, 40.0, 30.0, 20.0, 10.0], noise=1e-3)
-    svd, rsvd = (make_projector(n, 5, side, (60, 40), power_iters=2) if n == "rsvd"
-                 else make_projector(n, 5, side, (60, 40)) for n in ("svd", "rsvd"))
+    svd, rsvd = (
+        make_projector(n, 5, side, (60, 40), power_iters=2) if n == "rsvd" else make_projector(n, 5, side, (60, 40))
+        for n in ("svd", "rsvd")
+    )
     a, b = svd.basis(refreshed(svd, grad), side), rsvd.basis(refreshed(rsvd, grad), side)
     torch.testing.assert_close(a @ a.t(), b @ b.t(), atol=1e-4, rtol=0)  # same subspace (signs may differ)
 
@@ -343,8 +346,7 @@ def test_sst_projector_stores_sampled_singular_vectors():
     state.update(proj.refresh(state, grad))
     u, _, vh = torch.linalg.svd(grad, full_matrices=False)
     torch.testing.assert_close((proj.basis(state, "left").t() @ u[:, idx]).abs(), torch.eye(3), atol=1e-4, rtol=0)
-    torch.testing.assert_close((proj.basis(state, "right").t() @ vh[idx].t()).abs(), torch.eye(3), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close((proj.basis(state, "right").t() @ vh[idx].t()).abs(), torch.eye(3), atol=1e-4, rtol=0)
 
 
 # --- columns ------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 (argparse keeps the last value: llama_micro, 2 steps, a few stdlib files as corpus). Commands come from the fenced
 bash blocks and from inline code spans; they run in-process in a temporary working directory, so the README's
 relative output paths (runs/...) land there."""
+
 import importlib
 import os
 import re
@@ -35,21 +36,56 @@ def readme_commands():
 
 def test_readme_lists_every_entry_point():
     modules = {module for module, _ in readme_commands()}
-    assert modules == {"benchmarks.pretrain", "benchmarks.compare", "benchmarks.tune", "benchmarks.step_bench",
-                       "benchmarks.memory"}
+    assert modules == {
+        "benchmarks.pretrain",
+        "benchmarks.compare",
+        "benchmarks.tune",
+        "benchmarks.step_bench",
+        "benchmarks.memory",
+    }
     fenced = [argv for module, argv in readme_commands() if module == "benchmarks.tune"]
     assert any("--output-dir" not in argv for argv in fenced)  # the tuning command runs without one
 
 
 def tiny_overrides(module, corpus, cache):
-    train = ["--model", "llama_micro", "--max-steps", "2", "--seq-len", "32", "--batch-size", "2",
-             "--eval-batches", "1", "--data", corpus, "--cache-dir", cache, "--log-every", "0"]
+    train = [
+        "--model",
+        "llama_micro",
+        "--max-steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--data",
+        corpus,
+        "--cache-dir",
+        cache,
+        "--log-every",
+        "0",
+    ]
     return {
         "benchmarks.pretrain": [*train, "--save-every", "1"],
         "benchmarks.compare": [*train, "--optimizers", "adamw,galore", "--in-process"],
         "benchmarks.tune": [*train, "--ranks", "4", "--gaps", "2", "--in-process"],
-        "benchmarks.step_bench": ["--model", "llama_micro", "--rank", "8", "--warmup", "1", "--iters", "1",
-                                  "--rounds", "1", "--refresh-iters", "1", "--projectors", "svd"],
+        "benchmarks.step_bench": [
+            "--model",
+            "llama_micro",
+            "--rank",
+            "8",
+            "--warmup",
+            "1",
+            "--iters",
+            "1",
+            "--rounds",
+            "1",
+            "--refresh-iters",
+            "1",
+            "--projectors",
+            "svd",
+        ],
         "benchmarks.memory": ["--model", "llama_micro", "--rank", "8"],
     }[module]
 
@@ -67,7 +103,13 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
         except SystemExit as e:  # --help exits 0; anything else is a failing README command
             assert e.code == 0, (module, full, capsys.readouterr().err[-2000:])
     # the README's output paths were written where the commands say (relative to the working directory)
-    for path in ("runs/quickstart/summary.json", "runs/fira/summary.json", "runs/compare/results.md",
-                 "runs/tune-galore/results.md", "runs/step_bench_llama60m.md", "runs/whole_model_llama60m.md"):
+    for path in (
+        "runs/quickstart/summary.json",
+        "runs/fira/summary.json",
+        "runs/compare/results.md",
+        "runs/tune-galore/results.md",
+        "runs/step_bench_llama60m.md",
+        "runs/whole_model_llama60m.md",
+    ):
         assert (work / path).stat().st_size > 0, path
     assert "--resume auto: resuming from" in capsys.readouterr().err  # the second fira command resumed

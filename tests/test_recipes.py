@@ -1,11 +1,13 @@
 """Paper recipes: `--recipe paper` (default) fills the options the user did not give, explicit flags win, and the
 values reach the optimizer's param groups; `--recipe none` keeps the flag defaults."""
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from bench_support import make_corpus, one_torch_thread  # noqa: E402,F401 - autouse fixture
+
 from benchmarks.model import build_model  # noqa: E402
 from benchmarks.optimizers import build_optimizer, paper_recipe  # noqa: E402
 from benchmarks.pretrain import prepare_run  # noqa: E402
@@ -26,8 +28,13 @@ def lowrank_group(optimizer):
 
 
 def test_recipe_table():
-    assert paper_recipe("galore") == {"lr": 1e-2, "scale": 0.25, "update_proj_gap": 200, "rank_fraction": 0.25,
-                                      "warmup": 0.1}
+    assert paper_recipe("galore") == {
+        "lr": 1e-2,
+        "scale": 0.25,
+        "update_proj_gap": 200,
+        "rank_fraction": 0.25,
+        "warmup": 0.1,
+    }
     assert paper_recipe("galore8bit") == paper_recipe("galore_ref") == paper_recipe("galore")
     assert paper_recipe("fira_ref") == paper_recipe("fira") and paper_recipe("frugal")["density"] == 0.25
     assert paper_recipe("no_such_method") == {}

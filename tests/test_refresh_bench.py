@@ -1,11 +1,31 @@
 """benchmarks.refresh_bench on tiny settings: every part runs, rows are complete, ratios use the same run."""
+
 import math
 
 from benchmarks import refresh_bench
 
-TINY = ["--shapes", "48x32,32x48", "--ranks", "4,8", "--repeats", "1", "--power-model", "llama_micro",
-        "--power-ranks", "4", "--power-refreshes", "2", "--power-gap", "1", "--bits-cases", "40x24x4",
-        "--galore-steps", "6", "--galore-seeds", "1"]
+TINY = [
+    "--shapes",
+    "48x32,32x48",
+    "--ranks",
+    "4,8",
+    "--repeats",
+    "1",
+    "--power-model",
+    "llama_micro",
+    "--power-ranks",
+    "4",
+    "--power-refreshes",
+    "2",
+    "--power-gap",
+    "1",
+    "--bits-cases",
+    "40x24x4",
+    "--galore-steps",
+    "6",
+    "--galore-seeds",
+    "1",
+]
 
 
 def test_every_part_runs_and_reports(tmp_path):
@@ -13,7 +33,8 @@ def test_every_part_runs_and_reports(tmp_path):
     result = refresh_bench.main([*TINY, "--output", str(out)])
     rows = result["time"]
     assert {(tuple(r["shape"]), r["rank"], r["projector"]) for r in rows} == {
-        (s, r, p) for s in ((48, 32), (32, 48)) for r in (4, 8) for p in refresh_bench.TIMED}
+        (s, r, p) for s in ((48, 32), (32, 48)) for r in (4, 8) for p in refresh_bench.TIMED
+    }
     for r in rows:
         svd = next(x for x in rows if x["shape"] == r["shape"] and x["projector"] == "svd")
         assert r["ms"] > 0 and math.isclose(r["vs_svd"], r["ms"] / svd["ms"])

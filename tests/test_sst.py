@@ -1,4 +1,5 @@
 """SSTAdamW: spectral gradients against autograd, factor invariants, sampling schedule, checkpoints, 8-bit states."""
+
 import io
 
 import pytest
@@ -10,7 +11,7 @@ SHAPES = ((24, 16), (16, 24))
 
 
 def loss_fn(W, x, y):
-    return ((x @ W.t() - y) ** 2).sum() + (W ** 3).sum() * 0.01  # non-quadratic, so G is not rank-limited
+    return ((x @ W.t() - y) ** 2).sum() + (W**3).sum() * 0.01  # non-quadratic, so G is not rank-limited
 
 
 def tiny_model(out=24, inp=16, dtype=torch.float32):
@@ -122,8 +123,15 @@ def test_resample_schedule_and_reproducible():
         for t in range(10):
             train(model, opt, 1, start=t)
             st = opt.state[W]
-            trace.append((st["sst_idx"].clone(), st["proj_refreshes"], st["sst_svds"], int(st["adam_U.moment_step"]),
-                          int(st["adam_sigma.moment_step"])))  # counters are device tensors updated in place
+            trace.append(
+                (
+                    st["sst_idx"].clone(),
+                    st["proj_refreshes"],
+                    st["sst_svds"],
+                    int(st["adam_U.moment_step"]),
+                    int(st["adam_sigma.moment_step"]),
+                )
+            )  # counters are device tensors updated in place
         runs.append(trace)
     for a, b in zip(*runs):
         assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
@@ -155,8 +163,7 @@ def assert_same_run(model, opt, model2, opt2):
             assert (v.dtype == w.dtype and torch.equal(v, w)) if torch.is_tensor(v) else v == w
 
 
-@pytest.mark.parametrize("dtype,extra", [(torch.float32, {}),
-                                         (torch.bfloat16, {"factor_dtype": "bfloat16"})])
+@pytest.mark.parametrize("dtype,extra", [(torch.float32, {}), (torch.bfloat16, {"factor_dtype": "bfloat16"})])
 def test_resume_mid_interval_is_bitwise(dtype, extra):
     kw = dict(lr=1e-2, update_proj_gap=3, sst_round=2, weight_decay=0.01, **extra)
     model = tiny_model(dtype=dtype)
@@ -290,8 +297,17 @@ def test_conv_weight_and_small_matrices():
     assert "sst_U" not in opt.state[small] and "exp_avg" in opt.state[small]
 
 
-@pytest.mark.parametrize("bad", [dict(sst_round=0), dict(factor_dtype="float64"), dict(inner="adafactor"),
-                                 dict(residual="fira"), dict(projector="wavelet"), dict(sst_weight=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(sst_round=0),
+        dict(factor_dtype="float64"),
+        dict(inner="adafactor"),
+        dict(residual="fira"),
+        dict(projector="wavelet"),
+        dict(sst_weight=1.5),
+    ],
+)
 def test_invalid_options(bad):
     W = torch.nn.Parameter(torch.randn(24, 16))
     with pytest.raises(ValueError):

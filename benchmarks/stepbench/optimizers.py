@@ -1,4 +1,5 @@
 """The optimizers the step benchmark times (ours and the peers), and the optimizer-step measurement."""
+
 from __future__ import annotations
 
 import importlib
@@ -13,23 +14,39 @@ from .timing import median_ms, time_steps
 
 BASELINE = "adamw_foreach"
 # Ours: (module, class, extra low-rank group keys). Each takes the shared group keys rank + update_proj_gap.
-OURS = OrderedDict([
-    ("galore", ("lowrank_optim.galore", "GaLoreAdamW", dict(scale=0.25, proj_type="std"))),
-    ("galore_8bit", ("lowrank_optim.galore", "GaLoreAdamW8bit", dict(scale=0.25, proj_type="std"))),
-    ("galore_adafactor", ("lowrank_optim.galore", "GaLoreAdafactor", dict(scale=0.25, proj_type="std"))),
-    ("fira", ("lowrank_optim.fira", "FiraAdamW", dict(scale=0.25, proj_type="std"))),
-    ("frugal", ("lowrank_optim.frugal", "FrugalAdamW", {})),
-    ("dct", ("lowrank_optim.dct", "DCTAdamW", {})),
-    ("sst", ("lowrank_optim.sst", "SSTAdamW", {})),
-])
+OURS = OrderedDict(
+    [
+        ("galore", ("lowrank_optim.galore", "GaLoreAdamW", dict(scale=0.25, proj_type="std"))),
+        ("galore_8bit", ("lowrank_optim.galore", "GaLoreAdamW8bit", dict(scale=0.25, proj_type="std"))),
+        ("galore_adafactor", ("lowrank_optim.galore", "GaLoreAdafactor", dict(scale=0.25, proj_type="std"))),
+        ("fira", ("lowrank_optim.fira", "FiraAdamW", dict(scale=0.25, proj_type="std"))),
+        ("frugal", ("lowrank_optim.frugal", "FrugalAdamW", {})),
+        ("dct", ("lowrank_optim.dct", "DCTAdamW", {})),
+        ("sst", ("lowrank_optim.sst", "SSTAdamW", {})),
+        ("galore_power", ("lowrank_optim.galore", "GaLoreAdamW", dict(scale=0.25, proj_type="std", projector="power"))),
+        ("apollo", ("lowrank_optim.apollo", "APOLLOAdamW", dict(scale=1.0, proj_type="std"))),
+        ("apollo_mini", ("lowrank_optim.apollo", "APOLLOMiniAdamW", dict(rank=1, proj_type="std"))),
+    ]
+)
 # Methods whose projector our --projector flag may replace (the others have their own: columns, dct, sst).
 SVD_BASED_OURS = ("galore", "galore_8bit", "galore_adafactor", "fira")
 METHODS = ["adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ref_galore", "ref_fira", *OURS]
 LABELS = {
-    "adamw_foreach": "torch AdamW (foreach)", "adamw_fused": "torch AdamW (fused)",
-    "bnb_adamw8bit": "bitsandbytes AdamW8bit", "ref_galore": "galore-torch GaLoreAdamW", "ref_fira": "fira FiraAdamW",
-    "galore": "ours GaLoreAdamW", "galore_8bit": "ours GaLoreAdamW8bit", "galore_adafactor": "ours GaLoreAdafactor",
-    "fira": "ours FiraAdamW", "frugal": "ours FrugalAdamW", "dct": "ours DCTAdamW", "sst": "ours SSTAdamW",
+    "adamw_foreach": "torch AdamW (foreach)",
+    "adamw_fused": "torch AdamW (fused)",
+    "bnb_adamw8bit": "bitsandbytes AdamW8bit",
+    "ref_galore": "galore-torch GaLoreAdamW",
+    "ref_fira": "fira FiraAdamW",
+    "galore": "ours GaLoreAdamW",
+    "galore_8bit": "ours GaLoreAdamW8bit",
+    "galore_adafactor": "ours GaLoreAdafactor",
+    "fira": "ours FiraAdamW",
+    "frugal": "ours FrugalAdamW",
+    "dct": "ours DCTAdamW",
+    "sst": "ours SSTAdamW",
+    "galore_power": "ours GaLoreAdamW, power projector",
+    "apollo": "ours APOLLOAdamW",
+    "apollo_mini": "ours APOLLOMiniAdamW (rank 1)",
     "ours_dense": "ours, dense group only",
 }
 
@@ -45,8 +62,9 @@ def build(method, dense, low, args, gap):
     """The optimizer `method` over (dense, low-rank) params; low-rank groups refresh every `gap` steps."""
     lr = args.lr
     if method in ("adamw_foreach", "adamw_fused"):
-        return torch.optim.AdamW(dense + low, lr=lr, foreach=method == "adamw_foreach",
-                                 fused=True if method == "adamw_fused" else None)
+        return torch.optim.AdamW(
+            dense + low, lr=lr, foreach=method == "adamw_foreach", fused=True if method == "adamw_fused" else None
+        )
     if method == "bnb_adamw8bit":
         import bitsandbytes as bnb
 
@@ -55,16 +73,19 @@ def build(method, dense, low, args, gap):
     if method == "ref_galore":
         from galore_torch import GaLoreAdamW
 
-        return GaLoreAdamW(_groups(dense, low, dict(keys, scale=0.25, proj_type="std")), lr=lr,
-                           no_deprecation_warning=True)
+        return GaLoreAdamW(
+            _groups(dense, low, dict(keys, scale=0.25, proj_type="std")), lr=lr, no_deprecation_warning=True
+        )
     if method == "ref_fira":
         from fira import FiraAdamW
 
-        return FiraAdamW(_groups(dense, low, dict(keys, alpha=0.25, proj_type="std")), lr=lr,
-                         no_deprecation_warning=True)
-    if method == "ours_dense":  # our engine with one plain group: its dense AdamW path on every parameter
-        module, cls_name, _ = OURS["galore"]
-        return getattr(importlib.import_module(module), cls_name)([{"params": dense + low}], lr=lr)
+        return FiraAdamW(
+            _groups(dense, low, dict(keys, alpha=0.25, proj_type="std")), lr=lr, no_deprecation_warning=True
+        )
+    if method == "ours_dense":  # our engine (registry row "adamw") with one plain group: its dense AdamW path
+        from lowrank_optim import LowRankOptimizer
+
+        return LowRankOptimizer([{"params": dense + low}], lr=lr)
     module, cls_name, extra = OURS[method]
     cls = getattr(importlib.import_module(module), cls_name)
     keys.update(extra)
@@ -99,7 +120,7 @@ def measure(bench, method, args):
         row["note"] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         print(f"[step_bench] {method}: {row['note']}", file=sys.stderr)
         return row
-    plain = times[args.warmup:probe_gap]
+    plain = times[args.warmup : probe_gap]
     refresh = times[probe_gap:]
     row["step_ms"] = median_ms(plain)
     if refresh:

@@ -1,4 +1,5 @@
 """Table 2 of the step benchmark: projector refresh time per distinct low-rank weight shape."""
+
 from __future__ import annotations
 
 import sys

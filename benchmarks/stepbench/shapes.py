@@ -1,4 +1,5 @@
 """Which weights a step benchmark times: model configs' weight shapes or explicit MxN shapes."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -25,9 +26,17 @@ def _config_shapes(config):
     out = OrderedDict([("model.embed_tokens.weight", (v, h))])
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        out.update({f"{a}.q_proj.weight": (h, h), f"{a}.k_proj.weight": (kv, h), f"{a}.v_proj.weight": (kv, h),
-                    f"{a}.o_proj.weight": (h, h), f"{m}.gate_proj.weight": (f, h), f"{m}.up_proj.weight": (f, h),
-                    f"{m}.down_proj.weight": (h, f)})
+        out.update(
+            {
+                f"{a}.q_proj.weight": (h, h),
+                f"{a}.k_proj.weight": (kv, h),
+                f"{a}.v_proj.weight": (kv, h),
+                f"{a}.o_proj.weight": (h, h),
+                f"{m}.gate_proj.weight": (f, h),
+                f"{m}.up_proj.weight": (f, h),
+                f"{m}.down_proj.weight": (h, f),
+            }
+        )
     out["lm_head.weight"] = (v, h)
     return out
 

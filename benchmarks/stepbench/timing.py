@@ -1,4 +1,5 @@
 """Timing helpers of the step benchmark: device sync, medians, fixed weights and gradients, the machine."""
+
 from __future__ import annotations
 
 import os
@@ -69,10 +70,17 @@ def _cuda_ms(fn):
 
 
 def machine_info(device):
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            (platform.processor() or platform.machine())}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine()),
+    }
     try:
         load = os.getloadavg()
         info["loadavg_1_5_15"] = [round(x, 2) for x in load]

@@ -13,6 +13,7 @@ a matmul of that weight's shape on this device, plus every dense element at the 
 fused AdamW in this run. The low-rank weights' own elementwise update is not counted, so this is a lower bound.
 Dense-only optimizers' floor is fused AdamW's own time.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,11 +26,31 @@ from .optimizers import LABELS, build, lowrank_method, state_bytes
 from .shapes import is_target, lowrank_side
 from .timing import _cuda_ms, _wall_ms, median_ms, sync
 
-METHODS = ["adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ref_galore", "ref_fira", "galore", "galore_8bit",
-           "fira", "frugal", "dct", "sst", "galore_adafactor", "ours_dense"]
+METHODS = [
+    "adamw_foreach",
+    "adamw_fused",
+    "bnb_adamw8bit",
+    "ref_galore",
+    "ref_fira",
+    "galore",
+    "galore_8bit",
+    "fira",
+    "frugal",
+    "dct",
+    "sst",
+    "galore_adafactor",
+    "galore_power",
+    "apollo",
+    "apollo_mini",
+    "ours_dense",
+]
 # (ours, the peer it is compared with in the same run)
-PAIRS = [("galore", "ref_galore"), ("fira", "ref_fira"), ("galore_8bit", "bnb_adamw8bit"),
-         ("ours_dense", "adamw_fused")]
+PAIRS = [
+    ("galore", "ref_galore"),
+    ("fira", "ref_fira"),
+    ("galore_8bit", "bnb_adamw8bit"),
+    ("ours_dense", "adamw_fused"),
+]
 DENSE_ONLY = ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense")
 
 
@@ -102,7 +123,7 @@ def whole_model_rows(bench, args):
     probe_gap, gap = args.warmup + args.rounds, args.update_proj_gap
     for m, t in times.items():
         row = rows[m]
-        row["step_ms"] = median_ms(t[args.warmup:probe_gap])
+        row["step_ms"] = median_ms(t[args.warmup : probe_gap])
         row["rounds"] = len(t)
         if lowrank_method(m):
             row["refresh_step_ms"] = 1e3 * t[probe_gap]
@@ -112,9 +133,13 @@ def whole_model_rows(bench, args):
     fused = rows.get("adamw_fused", {}).get("step_ms")
     timer = _cuda_ms if bench.device.type == "cuda" else (lambda fn: _wall_ms(fn, reps=5))
     low_ms, dense_ms, gflops = floor_estimate(bench, args.rank, fused, timer)
-    floor = {"lowrank_ms": low_ms, "dense_ms": dense_ms, "fused_adamw_ms": fused,
-             "matmul_gflops": {"x".join(map(str, s)): g for s, g in gflops.items()},
-             "lowrank_total_ms": None if dense_ms is None else low_ms + dense_ms}
+    floor = {
+        "lowrank_ms": low_ms,
+        "dense_ms": dense_ms,
+        "fused_adamw_ms": fused,
+        "matmul_gflops": {"x".join(map(str, s)): g for s, g in gflops.items()},
+        "lowrank_total_ms": None if dense_ms is None else low_ms + dense_ms,
+    }
     for m in methods:
         row = rows[m]
         ref = fused if m in DENSE_ONLY else floor["lowrank_total_ms"]
@@ -124,10 +149,16 @@ def whole_model_rows(bench, args):
     for ours, peer in PAIRS:
         a, b = rows.get(ours, {}), rows.get(peer, {})
         ok = "step_ms" in a and "step_ms" in b
-        pairs.append({"ours": ours, "peer": peer, "label": f"{LABELS[ours]} / {LABELS[peer]}",
-                      "step_ratio": a["step_ms"] / b["step_ms"] if ok else None,
-                      "amortised_ratio": a["amortised_ms"] / b["amortised_ms"] if ok else None,
-                      "state_ratio": a["state_bytes"] / b["state_bytes"] if ok and b["state_bytes"] else None})
+        pairs.append(
+            {
+                "ours": ours,
+                "peer": peer,
+                "label": f"{LABELS[ours]} / {LABELS[peer]}",
+                "step_ratio": a["step_ms"] / b["step_ms"] if ok else None,
+                "amortised_ratio": a["amortised_ms"] / b["amortised_ms"] if ok else None,
+                "state_ratio": a["state_bytes"] / b["state_bytes"] if ok and b["state_bytes"] else None,
+            }
+        )
     return [rows[m] for m in methods], pairs, floor
 
 
@@ -135,28 +166,62 @@ def whole_model_markdown(result):
     from .report import _fmt, _mib, _table
 
     m, s, f = result["machine"], result["setup"], result["floor"]
-    lines = [f"# Whole-model optimizer step: {s['what']}", "",
-             f"- command: `{result['command']}`", f"- date: {result['date']}",
-             f"- machine: {m['platform']}, {m['cpu_count']} CPUs (torch threads {m['torch_threads']}), torch "
-             f"{m['torch']}, device {m['device']} ({m['device_name']})",
-             f"- weights: {s['n_params']:,} elements in {s['n_tensors']} tensors, {s['n_lowrank']} low-rank "
-             f"targets at rank {s['rank']}; every optimizer stepped once per round, {s['warmup']} warm-up + "
-             f"{s['rounds']} timed rounds + 1 refresh round, interleaved; medians; amortised at "
-             f"update_proj_gap={s['update_proj_gap']}", "",
-             "## Step time, state, floor", "",
-             _table(["optimizer", "step ms (median)", "refresh step ms", "amortised ms", "state MiB", "floor ms",
-                     "amortised / floor", "note"],
-                    [[r["label"], r.get("step_ms"), r.get("refresh_step_ms"), r.get("amortised_ms"),
-                      _mib(r.get("state_bytes")), r.get("floor_ms"), r.get("vs_floor"), r.get("note", "")]
-                     for r in result["rows"]]), "",
-             "## Ours against the peer measured in the same run", "",
-             _table(["pair", "step ratio", "amortised ratio", "state ratio"],
-                    [[p["label"], p["step_ratio"], p["amortised_ratio"], p["state_ratio"]] for p in result["pairs"]]),
-             "", "## Floor", "",
-             f"Low-rank floor = sum over low-rank weights of 4*m*n*r flops at the measured matmul GFLOP/s of that "
-             f"shape ({_fmt(f['lowrank_ms'])} ms) + the dense elements at fused AdamW's per-element speed "
-             f"({_fmt(f['dense_ms'])} ms) = {_fmt(f['lowrank_total_ms'])} ms. Dense-only rows (torch AdamW, "
-             f"bitsandbytes, ours dense) use fused AdamW's time ({_fmt(f['fused_adamw_ms'])} ms). The low-rank "
-             "weights' own elementwise update is not in the floor, so it is a lower bound.", "",
-             _table(["weight shape", "matmul GFLOP/s"], [[k, v] for k, v in f["matmul_gflops"].items()]), ""]
+    lines = [
+        f"# Whole-model optimizer step: {s['what']}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}",
+        f"- machine: {m['platform']}, {m['cpu_count']} CPUs (torch threads {m['torch_threads']}), torch "
+        f"{m['torch']}, device {m['device']} ({m['device_name']})",
+        f"- weights: {s['n_params']:,} elements in {s['n_tensors']} tensors, {s['n_lowrank']} low-rank "
+        f"targets at rank {s['rank']}; every optimizer stepped once per round, {s['warmup']} warm-up + "
+        f"{s['rounds']} timed rounds + 1 refresh round, interleaved; medians; amortised at "
+        f"update_proj_gap={s['update_proj_gap']}",
+        "",
+        "## Step time, state, floor",
+        "",
+        _table(
+            [
+                "optimizer",
+                "step ms (median)",
+                "refresh step ms",
+                "amortised ms",
+                "state MiB",
+                "floor ms",
+                "amortised / floor",
+                "note",
+            ],
+            [
+                [
+                    r["label"],
+                    r.get("step_ms"),
+                    r.get("refresh_step_ms"),
+                    r.get("amortised_ms"),
+                    _mib(r.get("state_bytes")),
+                    r.get("floor_ms"),
+                    r.get("vs_floor"),
+                    r.get("note", ""),
+                ]
+                for r in result["rows"]
+            ],
+        ),
+        "",
+        "## Ours against the peer measured in the same run",
+        "",
+        _table(
+            ["pair", "step ratio", "amortised ratio", "state ratio"],
+            [[p["label"], p["step_ratio"], p["amortised_ratio"], p["state_ratio"]] for p in result["pairs"]],
+        ),
+        "",
+        "## Floor",
+        "",
+        f"Low-rank floor = sum over low-rank weights of 4*m*n*r flops at the measured matmul GFLOP/s of that "
+        f"shape ({_fmt(f['lowrank_ms'])} ms) + the dense elements at fused AdamW's per-element speed "
+        f"({_fmt(f['dense_ms'])} ms) = {_fmt(f['lowrank_total_ms'])} ms. Dense-only rows (torch AdamW, "
+        f"bitsandbytes, ours dense) use fused AdamW's time ({_fmt(f['fused_adamw_ms'])} ms). The low-rank "
+        "weights' own elementwise update is not in the floor, so it is a lower bound.",
+        "",
+        _table(["weight shape", "matmul GFLOP/s"], [[k, v] for k, v in f["matmul_gflops"].items()]),
+        "",
+    ]
     return "\n".join(lines)

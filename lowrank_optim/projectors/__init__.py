@@ -1,4 +1,5 @@
 """Projector registry: every method takes any of these through the ``projector`` group key."""
+
 from __future__ import annotations
 
 from typing import Dict, Type
@@ -15,8 +16,16 @@ from .svd import SVDProjector
 
 PROJECTORS: Dict[str, Type[Projector]] = {
     cls.name: cls
-    for cls in (SVDProjector, RSVDProjector, PowerProjector, RandomProjector, DCTProjector, ColumnsProjector,
-                SSTProjector, BlocksProjector)
+    for cls in (
+        SVDProjector,
+        RSVDProjector,
+        PowerProjector,
+        RandomProjector,
+        DCTProjector,
+        ColumnsProjector,
+        SSTProjector,
+        BlocksProjector,
+    )
 }
 
 
@@ -33,6 +42,20 @@ def make_projector(name: str, rank: int, side: str, shape, seed: int = 0, **opti
     return cls(rank=rank, side=side, shape=shape, seed=seed, **options)
 
 
-__all__ = ["PROJECTORS", "Projector", "ProjectorError", "make_projector", "register", "BlocksProjector", "ColumnsProjector",
-           "DCTProjector", "PowerProjector", "RandomProjector", "RSVDProjector", "SSTProjector", "SVDProjector",
-           "dct_matrix", "sst_sample"]
+__all__ = [
+    "PROJECTORS",
+    "Projector",
+    "ProjectorError",
+    "make_projector",
+    "register",
+    "BlocksProjector",
+    "ColumnsProjector",
+    "DCTProjector",
+    "PowerProjector",
+    "RandomProjector",
+    "RSVDProjector",
+    "SSTProjector",
+    "SVDProjector",
+    "dct_matrix",
+    "sst_sample",
+]

@@ -9,6 +9,7 @@ Sides, for a 2-D gradient ``G`` of shape (m, n):
   * ``right``: basis Q (n x r), ``project(G) = G Q`` (m x r),   ``project_back(L) = L Q^T``
   * ``full``:  both,             ``project(G) = P^T G Q`` (r x r)
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -99,8 +100,16 @@ class Projector:
             out = out.matmul(self.basis(state, "right").to(out.dtype).t())
         return out
 
-    def fused_apply(self, state: Dict, low: torch.Tensor, W: torch.Tensor, lr: float, weight_decay: float,
-                    scale: float, extra: Optional[torch.Tensor]) -> bool:
+    def fused_apply(
+        self,
+        state: Dict,
+        low: torch.Tensor,
+        W: torch.Tensor,
+        lr: float,
+        weight_decay: float,
+        scale: float,
+        extra: Optional[torch.Tensor],
+    ) -> bool:
         """``W <- W (1 - lr wd) - lr (scale * project_back(low) + extra)`` in one Triton pass that reads and writes
         W once, when the kernels handle W (CUDA, or a forced backend) and passed their self-check. Returns False
         when it did nothing (the caller then takes the torch path)."""
@@ -108,16 +117,28 @@ class Projector:
 
         if self.side == "full" or not quant.kernels_for(W):
             return False
-        done = quant.try_kernel("project_back_apply_dense", W, low, self.basis(state, self.side), self.side, lr,
-                                weight_decay, scale, residual=extra, residual_coef=1.0)
+        done = quant.try_kernel(
+            "project_back_apply_dense",
+            W,
+            low,
+            self.basis(state, self.side),
+            self.side,
+            lr,
+            weight_decay,
+            scale,
+            residual=extra,
+            residual_coef=1.0,
+        )
         return done is not None
 
     def fits(self, state: Dict) -> bool:
         """Whether a saved basis in ``state`` has this projector's shape (rank, side, matrix): a change of the
         group's settings, or a checkpoint of other settings, makes the engine compute a new basis."""
         try:
-            return all(tuple(self.basis(state, which).shape) == (size, min(self.rank, *self.shape))
-                       for which, size in self.projected_dims())
+            return all(
+                tuple(self.basis(state, which).shape) == (size, min(self.rank, *self.shape))
+                for which, size in self.projected_dims()
+            )
         except (KeyError, RuntimeError, IndexError):
             return False
 
@@ -158,15 +179,18 @@ class Projector:
         return sum(min(self.rank, *self.shape) * size * 4 for _, size in self.projected_dims())
 
     def state_bytes(self, state: Dict) -> int:
-        return sum(v.numel() * v.element_size() for k, v in state.items()
-                   if k.startswith("proj_") and isinstance(v, torch.Tensor))
+        return sum(
+            v.numel() * v.element_size()
+            for k, v in state.items()
+            if k.startswith("proj_") and isinstance(v, torch.Tensor)
+        )
 
     # --- helpers for subclasses ---------------------------------------------------------------------------------
     def generator(self, state: Dict, device: torch.device) -> torch.Generator:
         """A generator seeded from (seed, refresh count): every DDP rank and every resume draws the same numbers."""
         count = int(state.get("proj_refreshes", 0))
         gen = torch.Generator(device=device)
-        gen.manual_seed((self.seed * 1_000_003 + count * 7919 + 12345) % (2 ** 63 - 1))
+        gen.manual_seed((self.seed * 1_000_003 + count * 7919 + 12345) % (2**63 - 1))
         return gen
 
     def projected_dims(self):
@@ -216,5 +240,17 @@ def canonical_signs(new: torch.Tensor, old: Optional[torch.Tensor] = None) -> to
     return new * signs  # exact: only sign bits change
 
 
-__all__ = ["Projector", "ProjectorError", "SIDES", "SIGN_ALIGN_MIN", "canonical_signs", "check_finite",
-           "orthonormal_columns", "clamp_rank", "next_refresh_count", "one_of", "int_at_least", "real_in"]
+__all__ = [
+    "Projector",
+    "ProjectorError",
+    "SIDES",
+    "SIGN_ALIGN_MIN",
+    "canonical_signs",
+    "check_finite",
+    "orthonormal_columns",
+    "clamp_rank",
+    "next_refresh_count",
+    "one_of",
+    "int_at_least",
+    "real_in",
+]

@@ -10,6 +10,7 @@ Formats, for a basis P read in flat row-major order:
 The basis is dequantized to fp32 on every use; what is stored, not the bits option, decides how it is read, so a
 state saved with one setting still reads after a change of the option.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -94,5 +95,14 @@ def basis_bytes(numel: int, bits: int) -> int:
     return (numel + 1) // 2 + int4_blocks(numel) * 4
 
 
-__all__ = ["BASIS_BITS", "INT4_BLOCK", "basis_bytes", "decode_basis", "dequantize_int4", "encode_basis",
-           "has_basis", "int4_blocks", "quantize_int4"]
+__all__ = [
+    "BASIS_BITS",
+    "INT4_BLOCK",
+    "basis_bytes",
+    "decode_basis",
+    "dequantize_int4",
+    "encode_basis",
+    "has_basis",
+    "int4_blocks",
+    "quantize_int4",
+]

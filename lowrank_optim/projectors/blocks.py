@@ -2,6 +2,7 @@
 ``update_proj_gap`` steps, round(density x number of parameters in the group) parameters are "active" (the projector
 is the identity: full Adam) and the others "inactive" (the subspace is empty: everything is residual). Which ones is
 a pure function of (group options, period), so every parameter, rank and resume agrees."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -20,7 +21,7 @@ def active_blocks(group: Dict, k: int) -> List[int]:
     n, order, seed = len(group["params"]), group["block_order"], group["seed"]
     a = round(n * group["density"])
     if order == "random":
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + k * 7919 + 12345) % (2 ** 63 - 1))
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + k * 7919 + 12345) % (2**63 - 1))
         return torch.randperm(n, generator=gen)[:a].tolist()
     if order == "ascending":  # consecutive windows, wrapping around
         return [(k * a + i) % n for i in range(a)]
@@ -41,8 +42,13 @@ class BlocksProjector(Projector):
     index_based = True
     any_shape = True  # vectors and matrices alike: a block is a whole parameter
     wants_position = True
-    options = {"block_order": ("random", one_of(*BLOCK_ORDERS), "which parameters are active in each period: "
-                               "`random` (seeded), `ascending`, `descending`, `mirror`")}
+    options = {
+        "block_order": (
+            "random",
+            one_of(*BLOCK_ORDERS),
+            "which parameters are active in each period: `random` (seeded), `ascending`, `descending`, `mirror`",
+        )
+    }
 
     def __init__(self, rank, side, shape, seed=0, block_order: str = "random", **context):
         super().__init__(rank, "left" if side == "full" else side, shape, seed, **context)
@@ -57,9 +63,15 @@ class BlocksProjector(Projector):
     def check_group(group: Dict) -> Optional[str]:
         if "rank" in group:
             return "projector 'blocks' takes a density (the fraction of the group's parameters), not a rank"
-        if "density" in group and group["block_order"] == "mirror" and round(len(group["params"]) * group["density"]) % 2:
-            return (f"block_order 'mirror' activates parameters in pairs, but round(density * "
-                    f"{len(group['params'])}) is odd")
+        if (
+            "density" in group
+            and group["block_order"] == "mirror"
+            and round(len(group["params"]) * group["density"]) % 2
+        ):
+            return (
+                f"block_order 'mirror' activates parameters in pairs, but round(density * "
+                f"{len(group['params'])}) is odd"
+            )
         return None
 
     def _active(self, k: int) -> bool:
@@ -96,5 +108,3 @@ class BlocksProjector(Projector):
 
     def overlap(self, old_state, new_state) -> float:
         return float(old_state.get("block_active", 0) == new_state.get("block_active", 0))
-
-

@@ -1,6 +1,7 @@
 """Coordinate subspace (FRUGAL-style blockwise / column selection): r rows or columns of the identity.
 
 Projection is a gather and projection back a scatter, so no basis matrix is ever multiplied or stored."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,11 @@ class ColumnsProjector(Projector):
     name = "columns"
     index_based = True
     options = {
-        "select": ("random", one_of("random", "norm"),
-                   "'random' (seeded) or 'norm' (the r rows/columns of G with the largest L2 norm)"),
+        "select": (
+            "random",
+            one_of("random", "norm"),
+            "'random' (seeded) or 'norm' (the r rows/columns of G with the largest L2 norm)",
+        ),
     }
 
     def __init__(self, rank, side, shape, seed=0, select: str = "random", **options):

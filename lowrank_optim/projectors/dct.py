@@ -1,5 +1,6 @@
 """SVD-free subspace from a fixed orthonormal DCT-II basis (DCT-AdamW style): pick the r cosine vectors that carry
 the most gradient energy. The state is r indices; the d x d matrix is shared by every weight of that size."""
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,11 @@ class DCTProjector(Projector):
     index_based = True
     options = {
         "dct_norm": ("l1", one_of("l1", "l2"), "norm ranking the DCT coefficients: 'l1' or 'l2'"),
-        "dct_impl": ("matmul", one_of("matmul", "fft"),
-                     "'matmul' (DCT matrix, gathered rows) or 'fft' (O(d log d) transform per row/column)"),
+        "dct_impl": (
+            "matmul",
+            one_of("matmul", "fft"),
+            "'matmul' (DCT matrix, gathered rows) or 'fft' (O(d log d) transform per row/column)",
+        ),
     }
 
     def __init__(self, rank, side, shape, seed=0, dct_norm: str = "l1", dct_impl: str = "matmul", **options):
@@ -138,8 +142,19 @@ class DCTProjector(Projector):
         if self.side == "full" or self.dct_impl != "matmul" or not quant.kernels_for(W):
             return False
         basis = dct_matrix(self._size(self.side), W.device, torch.float32)
-        done = quant.try_kernel("project_back_apply", W, low, basis, self.indices(state, self.side), self.side, lr,
-                                weight_decay, scale, residual=extra, residual_coef=1.0)
+        done = quant.try_kernel(
+            "project_back_apply",
+            W,
+            low,
+            basis,
+            self.indices(state, self.side),
+            self.side,
+            lr,
+            weight_decay,
+            scale,
+            residual=extra,
+            residual_coef=1.0,
+        )
         return done is not None
 
     def indices(self, state, which):

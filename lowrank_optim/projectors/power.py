@@ -17,6 +17,7 @@ basis cannot reach, get a chance, for (r + p) / r of the cost. The first refresh
 seeded randomized SVD (``rsvd``'s defaults). The right side runs the
 same iteration on G^T. No full SVD is ever taken: O(m n r) instead of O(m n min(m, n)).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,12 @@ class PowerProjector(SVDProjector):
     options = {
         **SVDProjector.options,
         "power_iters": (1, int_at_least(1), "subspace iterations per refresh from the previous basis (an int >= 1)"),
-        "oversample": (0, int_at_least(0), "seeded random columns added to the previous basis before iterating "
-                       "(an int >= 0; clamped to min(m, n) - rank)"),
+        "oversample": (
+            0,
+            int_at_least(0),
+            "seeded random columns added to the previous basis before iterating "
+            "(an int >= 0; clamped to min(m, n) - rank)",
+        ),
     }
 
     def __init__(self, rank, side, shape, seed=0, power_iters: int = 1, oversample: int = 0, **options):
@@ -50,8 +55,9 @@ class PowerProjector(SVDProjector):
         anchor = "left" if self.side in ("left", "full") else "right"
         start = self.previous_basis(state, anchor)
         if start is None or start.shape != (self.shape[0 if anchor == "left" else 1], self.basis_width()):
-            u, _, vh = randomized_svd(a, self.basis_width(), FIRST_OVERSAMPLE, FIRST_POWER_ITERS,
-                                      self.generator(state, a.device), self.name)
+            u, _, vh = randomized_svd(
+                a, self.basis_width(), FIRST_OVERSAMPLE, FIRST_POWER_ITERS, self.generator(state, a.device), self.name
+            )
             return self._store(state, u, vh)
         start = start.to(a.device)
         width = self.basis_width()

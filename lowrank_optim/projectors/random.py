@@ -10,6 +10,7 @@ The basis is a pure function of (seed, proj_refreshes), so it is regenerated on 
     uses ``seed + 1`` (with the engine's seeds, group seed 0, that is apollo-torch's 1-based parameter index) and
     every refresh moves to ``apollo_next_seed`` of the previous seed. No "full" side (apollo-torch has none).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,12 @@ def apollo_next_seed(seed: int) -> int:
 class RandomProjector(Projector):
     name = "random"
     options = {
-        "random_style": ("orthonormal", one_of(*RANDOM_STYLES),
-                         "'orthonormal' (Q factor of a Gaussian) or 'apollo' (apollo-torch's scaled Gaussian "
-                         "projection, its seeds and draws exactly)"),
+        "random_style": (
+            "orthonormal",
+            one_of(*RANDOM_STYLES),
+            "'orthonormal' (Q factor of a Gaussian) or 'apollo' (apollo-torch's scaled Gaussian "
+            "projection, its seeds and draws exactly)",
+        ),
     }
     # Refresh counts kept in the cache: rotation() needs the old and the new basis at the same time.
     _CACHED_COUNTS = 2
@@ -43,8 +47,10 @@ class RandomProjector(Projector):
         super().__init__(rank, side, shape, seed, **options)
         self.random_style = self.check_option("random_style", random_style)
         if self.random_style == "apollo" and side == "full":
-            raise ValueError("random projector: random_style='apollo' projects one side ('left' or 'right'), "
-                             "apollo-torch has no 'full' projection")
+            raise ValueError(
+                "random projector: random_style='apollo' projects one side ('left' or 'right'), "
+                "apollo-torch has no 'full' projection"
+            )
         self._cache: "OrderedDict[int, dict]" = OrderedDict()  # refresh count -> {(which, device): basis}
         self._apollo_seeds: List[int] = [self.seed + 1]  # seed of basis k at index k - 1
         # basis() gets no tensor to take a device from; use the one of the last gradient seen.

@@ -1,4 +1,5 @@
 """Randomized SVD (Halko, Martinsson & Tropp 2011): an approximate top-r subspace at O(mnk) instead of a full SVD."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,14 @@ def _qr(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ProjectorError(f"{name}: QR failed ({err})") from err
 
 
-def randomized_svd(grad: torch.Tensor, rank: int, oversample: int = 10, power_iters: int = 2,
-                   generator: torch.Generator = None, name: str = "rsvd"):
+def randomized_svd(
+    grad: torch.Tensor,
+    rank: int,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator = None,
+    name: str = "rsvd",
+):
     """Approximate top-``rank`` (U, S, Vh) of ``grad``; power iterations sharpen a slowly decaying spectrum."""
     a = grad.float()
     m, n = a.shape

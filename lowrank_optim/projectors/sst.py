@@ -1,6 +1,7 @@
 """SST-style sampled subspace: singular directions drawn at random, favouring large singular values.
 
 Sampling (instead of always the top-r) lets directions with smaller singular values get trained too."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,8 +12,9 @@ from .base import real_in
 from .svd import SVDProjector, truncated_svd
 
 
-def sst_sample(sigma: torch.Tensor, r: int, weight: float = 0.5,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sst_sample(
+    sigma: torch.Tensor, r: int, weight: float = 0.5, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Draw ``r`` distinct indices into ``sigma`` with ``p_i = (1 - w)/k + w * sigma_i / sum(sigma)``.
 
     Draws are sequential without replacement (``torch.multinomial``); the result is sorted ascending, i.e. in
@@ -38,8 +40,11 @@ class SSTProjector(SVDProjector):
     name = "sst"
     options = {
         **SVDProjector.options,
-        "sst_weight": (0.5, real_in(0.0, 1.0), "share of the draw probability proportional to sigma (in [0, 1]); "
-                       "the rest is uniform"),
+        "sst_weight": (
+            0.5,
+            real_in(0.0, 1.0),
+            "share of the draw probability proportional to sigma (in [0, 1]); the rest is uniform",
+        ),
     }
 
     def __init__(self, rank, side, shape, seed=0, sst_weight: float = 0.5, **options):

@@ -2,6 +2,7 @@
 
 Shared by every projector that stores an explicit basis (svd, rsvd, power, sst): the basis can be stored
 blockwise-quantized (``basis_bits``, see ``basis_quant``) and each new basis gets canonical signs (``basis_sign``)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,11 +27,17 @@ def truncated_svd(grad: torch.Tensor, rank: int, name: str = "svd"):
 class SVDProjector(Projector):
     name = "svd"
     options = {
-        "basis_bits": (32, one_of(*BASIS_BITS),
-                       "bits per stored basis entry: 32 (fp32), 8 (blockwise dynamic 8-bit) or 4 (blockwise int4)"),
-        "basis_sign": ("align", one_of(*BASIS_SIGNS),
-                       "'align': each new basis vector takes the sign of the previous one it continues (else its "
-                       "largest entry is positive); 'none': the factorisation's raw signs (galore-torch parity)"),
+        "basis_bits": (
+            32,
+            one_of(*BASIS_BITS),
+            "bits per stored basis entry: 32 (fp32), 8 (blockwise dynamic 8-bit) or 4 (blockwise int4)",
+        ),
+        "basis_sign": (
+            "align",
+            one_of(*BASIS_SIGNS),
+            "'align': each new basis vector takes the sign of the previous one it continues (else its "
+            "largest entry is positive); 'none': the factorisation's raw signs (galore-torch parity)",
+        ),
     }
 
     def __init__(self, rank, side, shape, seed=0, basis_bits: int = 32, basis_sign: str = "align", **options):
