@@ -166,6 +166,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"{where}: complex parameters are not supported (got a {p.dtype} parameter of "
                     f"shape {tuple(p.shape)})"
                 )
+            if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # a DTensor (FSDP2, tensor parallel)
+                raise NotImplementedError(
+                    f"{where}: a DTensor parameter of shape {tuple(p.shape)} with placements {tuple(p.placements)}: "
+                    "sharded parameters (FSDP2 fully_shard, tensor parallel) are not supported yet; use DDP, which "
+                    "keeps whole parameters on every rank"
+                )
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
                 raise ValueError(
                     f"{where}: only real floating-point parameters can be optimized (got a {p.dtype} "
