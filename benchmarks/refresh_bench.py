@@ -161,7 +161,7 @@ def power_quality(model_name: str, ranks, refreshes: int, gap: int) -> Dict:
     for rank in ranks:
         scores = {label: [] for label, _, _ in variants}
         times = {label: [] for label, _, _ in variants}
-        for name, grads in seqs.items():
+        for grads in seqs.values():
             shape = tuple(grads[0].shape)
             if min(shape) <= rank:
                 continue
