@@ -24,7 +24,7 @@ import torch
 
 from . import plots
 from .cli import Parser, UsageError, check_writable_dir, entry_point
-from .optimizers import LOWRANK, NAMES
+from .optimizers import LOWRANK, NAMES, canonical_name
 from .seeds import NOISE_RULE, fmt_mean_std, mean_std, parse_seeds, verdict
 
 DEFAULT_OPTIMIZERS = ["adamw", "adam8bit", *LOWRANK]
@@ -217,7 +217,7 @@ def write_markdown(path, lines_before, rows, failed):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, forward = compare_parser().parse_known_args(argv)
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    names = [canonical_name(n.strip()) for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in names if n not in NAMES]
     if unknown or not names:
         raise UsageError(f"--optimizers: unknown {unknown}; choose from {', '.join(NAMES)}")

@@ -6,63 +6,37 @@ import inspect
 
 import torch
 
+from lowrank_optim.registry import METHODS, method, recipe
+
 from .model import linear_weight_names
 
-# --optimizer name -> class in the lowrank_optim package
-LOWRANK = {
-    "galore": "GaLoreAdamW",
-    "galore8bit": "GaLoreAdamW8bit",
-    "galore_adafactor": "GaLoreAdafactor",
-    "fira": "FiraAdamW",
-    "frugal": "FrugalAdamW",
-    "dct": "DCTAdamW",
-    "sst": "SSTAdamW",
-}
+# --optimizer name -> class in the lowrank_optim package: every row of its registry but the engine's own AdamW
+# (the benchmarks' "adamw" is torch.optim.AdamW, the baseline)
+LOWRANK = {name: m.cls.split(":")[1] for name, m in METHODS.items() if name != "adamw"}
 REFERENCE = {"galore_ref": ("galore_torch", "GaLoreAdamW"), "fira_ref": ("fira", "FiraAdamW")}
 NAMES = ["adamw", "adam8bit", *LOWRANK, *REFERENCE]
-
-# Each method's LLaMA-on-C4 pretraining recipe as its paper states it (GaLore's setup, which the later papers
-# reuse: batch 512 x 256 tokens, linear warmup over the first 10% of steps, cosine decay to 10% of the peak lr).
-# Keys are pretrain options; `rank_fraction` means rank = that fraction of the model's hidden size (GaLore's
-# "d/4": 128 on LLaMA-60M, 512 on LLaMA-1B). Read them only through paper_recipe().
-PAPER_RECIPES = {
-    # GaLore (Zhao et al., ICML 2024), Sec. 5.1 and App. C: lr 0.01, scale alpha 0.25, subspace update every
-    # T = 200 steps, rank 128/256/256/512 for 60M/130M/350M/1B (about d/4), 10% warmup. The full-rank AdamW
-    # baseline there uses lr 1e-3.
-    "galore": dict(lr=1e-2, scale=0.25, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
-    "adamw": dict(lr=1e-3, warmup=0.1),
-    # Fira (Chen et al., 2024): GaLore's pretraining settings unchanged (lr 0.01, T = 200, ranks as GaLore's);
-    # its alpha (our `scale`) is 0.25.
-    "fira": dict(lr=1e-2, scale=0.25, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
-    # FRUGAL (Zmushko et al., ICML 2025), LLaMA pretraining: the AdamW-tuned lr 1e-3, state-full density
-    # rho = 0.25, subspace re-selected every T = 200 steps, signSGD on the state-free part.
-    "frugal": dict(lr=1e-3, density=0.25, update_proj_gap=200, warmup=0.1),
-    # DCT-AdamW (Modoranu et al., 2025, arXiv:2505.17967) swaps GaLore's SVD for gradient-aligned DCT columns and
-    # is compared against GaLore in GaLore's training setup, so GaLore's lr / scale / rank / gap are used here;
-    # these four values were not checked against the paper's per-size tables.
-    "dct": dict(lr=1e-2, scale=0.25, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
-    # SST (Zhao et al., 2024, arXiv:2405.15481): rank "6% of the embedding dimension" on LLaMA-1.3B (128 of
-    # 2048 = 1/16). lr 1e-3 (its full-rank baseline's) and the 200-step resampling interval are GaLore-setup
-    # values, not checked against the paper's tables.
-    "sst": dict(lr=1e-3, rank_fraction=1 / 16, update_proj_gap=200, warmup=0.1),
-    # APOLLO (Zhu et al., MLSys 2025): lr 0.01, projection refreshed every T = 200 steps; channel-wise scaling at
-    # rank d/4 with scale 1, APOLLO-Mini tensor-wise scaling at rank 1 with scale 128.
-    "apollo": dict(lr=1e-2, scale=1.0, update_proj_gap=200, rank_fraction=0.25, warmup=0.1),
-    "apollo_mini": dict(lr=1e-2, scale=128.0, update_proj_gap=200, rank=1, warmup=0.1),
-}
 # --optimizer names that train with another entry's recipe (same method: other precision, inner rule or package)
-_RECIPE_OF = {
-    "galore8bit": "galore",
-    "galore_adafactor": "galore",
-    "galore_ref": "galore",
-    "fira_ref": "fira",
-    "adam8bit": "adamw",
-}
+_RECIPE_OF = {"galore_ref": "galore", "fira_ref": "fira", "adam8bit": "adamw"}
+
+
+def canonical_name(name):
+    """A benchmark optimizer name, with the registry's aliases accepted (``GaLore-AdamW`` -> ``galore``)."""
+    if name in NAMES:
+        return name
+    try:
+        found = method(name).name
+    except ValueError:
+        return name
+    return found if found in NAMES else name
 
 
 def paper_recipe(name):
-    """The paper pretraining recipe of optimizer `name` as {option: value} (empty when there is none)."""
-    return dict(PAPER_RECIPES.get(_RECIPE_OF.get(name, name), {}))
+    """The paper pretraining recipe of optimizer `name` as {option: value} (empty when there is none): the
+    recipe row of ``lowrank_optim.registry``."""
+    try:
+        return recipe(_RECIPE_OF.get(name, name))
+    except ValueError:
+        return {}
 
 
 def apply_recipe(args, explicit, hidden_size):
@@ -90,7 +64,7 @@ def _betas(text):
 
 def add_optimizer_args(parser):
     g = parser.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="adamw", choices=NAMES)
+    g.add_argument("--optimizer", default="adamw", type=canonical_name, choices=NAMES)
     g.add_argument(
         "--recipe",
         default="paper",

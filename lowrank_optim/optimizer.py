@@ -354,7 +354,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _host_reads(self, items: List[_Item]) -> bool:
         """Whether this step reads the flag on the host (see the module docstring)."""
-        if self.nonfinite == "raise" or any(INNER_RULES[it.group["inner"]].needs_host for it in items):
+        host_rules = [it.group["inner"] for it in items if INNER_RULES[it.group["inner"]].needs_host]
+        if host_rules and torch.compiler.is_compiling():
+            # Adafactor reads the parameter's RMS on the host: a graph break per parameter, and torch 2.13's
+            # compiled frames then reuse one parameter's cached state lookup for another (wrong step counts)
+            raise RuntimeError(
+                f"inner rule {host_rules[0]!r} reads the device every step and cannot run inside "
+                "torch.compile; compile the model, not optimizer.step, or use inner='adam'"
+            )
+        if self.nonfinite == "raise" or host_rules:
             return True
         if any(it.lowrank and self._refresh_due(it) for it in items):
             return True
