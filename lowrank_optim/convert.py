@@ -239,8 +239,8 @@ def _convert_group(group: Dict, gi: int, source: str, target: Optional[Dict]) ->
             residual="fira" if source == "fira" else "none",
             basis_sign="none",
         )
-        if not adafactor:
-            out["eps_style"] = "galore"
+        if not adafactor:  # HF AdamW's eps placement, through the bitwise multi-tensor path
+            out.update(eps_style="galore", fused=False)
         if source == "fira":  # the released code's fixed limiter, no floor
             out.update(fira_gamma=1.01, fira_residual="reference", fira_floor=0.0)
     for key, value in group.items():

@@ -5,7 +5,8 @@ A rule keeps its moments in each parameter's state dict under its own keys and r
 Moments are fp32 by default (``state_dtype``) or 8-bit blockwise (``state_bits=8``, see ``quant.py``).
 
 Every rule takes ``keep``, a 0-dim fp32 tensor on the device (1 = apply the step, 0 = the step was found non-finite):
-with ``keep = 0`` every moment and counter stays bit-for-bit as it was, without the host ever reading the flag.
+with ``keep = 0`` every moment and counter stays bit-for-bit as it was, without the host ever reading the flag;
+``keep=None`` when the host has already checked the step (no gating work at all).
 """
 
 from __future__ import annotations
@@ -192,10 +193,11 @@ class Adam:
                 Moment.create(st, "exp_avg", g, group, signed=True)
                 Moment.create(st, "exp_avg_sq", g, group, signed=False)
         ts = [_step_counter(st, counter, device) for st in states]
+        known = keep is None  # the host already knows this step is kept: no gating needed
         for t in ts:
-            t.add_(keep)
+            t.add_(1 if known else keep)
         steps, bc2_sqrt, factors = bias_steps(ts, group["lr"], beta1, beta2, group["correct_bias"])
-        clean = [where_keep(keep, g) for g in grads]
+        clean = list(grads) if known else [where_keep(keep, g) for g in grads]
         eps = group["eps"]
         if eps_style == "torch":
             eps_list = [(bc * eps).to(g.dtype) for bc, g in zip(bc2_sqrt, grads)]
@@ -206,9 +208,9 @@ class Adam:
             ms = [Moment.load(states[i], "exp_avg", True, compute) for i in plain]
             vs = [Moment.load(states[i], "exp_avg_sq", False, compute) for i in plain]
             gs = [clean[i] for i in plain]
-            torch._foreach_mul_(ms, gated(keep, beta1, compute))
+            torch._foreach_mul_(ms, beta1 if known else gated(keep, beta1, compute))
             torch._foreach_add_(ms, gs, alpha=1 - beta1)
-            torch._foreach_mul_(vs, gated(keep, beta2, compute))
+            torch._foreach_mul_(vs, beta2 if known else gated(keep, beta2, compute))
             torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
             for i, m, v in zip(plain, ms, vs):
                 Moment.store(states[i], "exp_avg", m, True)
@@ -226,9 +228,8 @@ class Adam:
                 continue
             # 8-bit: the update rewrites the codes in place; a skipped step restores them from a copy of the codes
             e = float(eps_list[i]) if eps_style == "torch" else eps
-            saved = [
-                st[k].clone() for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
-            ]
+            keys8 = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+            saved = [] if known else [st[k].clone() for k in keys8]
             dim = col_norm_dims[i] if col_norm_dims else None  # the 8-bit update can return per-channel norms
             res = quant.adam8bit_step(
                 clean[i].float(),
@@ -242,7 +243,7 @@ class Adam:
                 col_norm_dim=dim,
             )
             d, norms = res if dim is not None else (res, None)
-            for k, old in zip(("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"), saved):
+            for k, old in zip(keys8, saved):
                 st[k].copy_(torch.where(keep.bool(), st[k], old))
             out[i] = Direction(d, steps[i].float(), group["lr"], factors[i].float(), norms)
         return out  # type: ignore[return-value]

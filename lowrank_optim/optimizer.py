@@ -456,8 +456,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for its in by_group.values():
             group = its[0].group
             inner = INNER_RULES[group["inner"]]
-            fused = [it for it in its if _fusable(group, it.p)]
-            rest = [it for it in its if not _fusable(group, it.p)]
+            fused = [it for it in its if _fusable(group, it.p, self._host_step)]
+            rest = [it for it in its if not _fusable(group, it.p, self._host_step)]
             if fused:
                 _fused_adamw(fused, group, found)
             for dev, dev_items in _by_device(rest).items():
@@ -467,7 +467,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     [it.state for it in dev_items],
                     grads,
                     group,
-                    keep,
+                    None if self._host_step else keep,  # a host-checked step needs no gating
                     eps_style=group.get("eps_style") or "torch",
                     counter="step",
                     params=[it.p for it in dev_items],
@@ -486,14 +486,19 @@ def _copy_done(found: torch.Tensor) -> bool:
 
 
 def _grad_flag(grads: List[torch.Tensor]) -> torch.Tensor:
-    """1.0 (on the first gradient's device) if any entry is NaN, inf or |g| >= OVERFLOW; one read pass each."""
+    """1.0 (on the first gradient's device) if any entry is NaN, inf or |g| >= OVERFLOW, one read pass each: on CPU
+    per-tensor min / max (torch's CPU inf-norm is several times slower than an AdamW step), elsewhere one
+    multi-tensor inf-norm."""
     by_dev: Dict[torch.device, List[torch.Tensor]] = {}
     for g in grads:
         by_dev.setdefault(g.device, []).append(g)
     flags = []
-    for gs in by_dev.values():
-        norms = torch._foreach_norm(gs, float("inf"))
-        flags.append((~(torch.stack([n.float() for n in norms]) < OVERFLOW)).any().float())
+    for dev, gs in by_dev.items():
+        if dev.type == "cpu":
+            peaks = [torch.maximum(lo.abs(), hi.abs()).float() for lo, hi in (torch.aminmax(g) for g in gs)]
+        else:
+            peaks = [n.float() for n in torch._foreach_norm(gs, float("inf"))]
+        flags.append((~(torch.stack(peaks) < OVERFLOW)).any().float())  # NaN compares False: flagged
     first = grads[0].device
     return flags[0] if len(flags) == 1 else torch.stack([f.to(first) for f in flags]).amax()
 
@@ -509,9 +514,13 @@ def _by_device(items: List[_Item]) -> Dict[torch.device, List[_Item]]:
     return out
 
 
-def _fusable(group: Dict, p: torch.Tensor) -> bool:
-    """torch's fused AdamW computes exactly this group's dense update for ``p``."""
-    if group["inner"] != "adam" or group["fused"] is False or (group.get("eps_style") or "torch") != "torch":
+def _fusable(group: Dict, p: torch.Tensor, host: bool) -> bool:
+    """torch's fused AdamW computes this group's dense update for ``p``: exactly for torch's eps placement; for
+    galore-style eps (added before bias correction) with eps / sqrt(1 - beta2^t) in its place, equal up to rounding,
+    which needs t on the host (so only on steps the host reads anyway; ``fused=False`` keeps the bitwise path)."""
+    if group["inner"] != "adam" or group["fused"] is False:
+        return False
+    if (group.get("eps_style") or "torch") != "torch" and not host:
         return False
     if not group["correct_bias"] or p.dtype not in (torch.float32, torch.float64):
         return False
@@ -542,27 +551,32 @@ def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
                     st["exp_avg_sq"] = torch.zeros_like(it.p, memory_format=torch.preserve_format)
                 if not isinstance(st.get("step"), torch.Tensor) or st["step"].device != dev:
                     st["step"] = torch.tensor(float(st.get("step", 0)), dtype=torch.float32, device=dev)
-            ps = [it.p for it in dit]
-            steps = [it.state["step"] for it in dit]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adamw_(
-                ps,
-                [it.p.grad for it in dit],
-                [it.state["exp_avg"] for it in dit],
-                [it.state["exp_avg_sq"] for it in dit],
-                [],
-                steps,
-                amsgrad=False,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                grad_scale=None,
-                found_inf=f,
-            )
-            torch._foreach_sub_(steps, [f] * len(steps))
+            galore = (group.get("eps_style") or "torch") == "galore"
+            by_t: Dict[int, List[_Item]] = {}
+            for it in dit:  # galore-style eps depends on each parameter's step count: one call per count
+                by_t.setdefault(int(it.state["step"]) if galore else 0, []).append(it)
+            for t, tit in by_t.items():
+                eps = group["eps"] / math.sqrt(1 - beta2 ** (t + 1)) if galore else group["eps"]
+                steps = [it.state["step"] for it in tit]
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(
+                    [it.p for it in tit],
+                    [it.p.grad for it in tit],
+                    [it.state["exp_avg"] for it in tit],
+                    [it.state["exp_avg_sq"] for it in tit],
+                    [],
+                    steps,
+                    amsgrad=False,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                    eps=eps,
+                    maximize=group["maximize"],
+                    grad_scale=None,
+                    found_inf=f,
+                )
+                torch._foreach_sub_(steps, [f] * len(steps))
 
 
 __all__ = [

@@ -116,7 +116,7 @@ class LowRankRoute:
                 [it.state for it in its],
                 [it.R for it in its],
                 group,
-                keep_on(dev),
+                None if opt._host_step else keep_on(dev),  # a host-checked step needs no gating
                 eps_style=style,
                 col_norm_dims=dims,
                 params=[it.p for it in its],

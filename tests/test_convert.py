@@ -77,7 +77,7 @@ def _assert_equal(ref, ours):
 def test_galore_torch_adamw_resumes_here(proj_type, before, use_optimizer):
     ref, ours, opt = _resume(
         lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2),
-        lambda g: GaLoreAdamW(g, lr=1e-2),
+        lambda g: GaLoreAdamW(g, lr=1e-2, fused=False),  # the bitwise dense path (see test_galore_parity)
         lambda m: _groups(m, proj_type),
         before,
         use_optimizer=use_optimizer,
@@ -90,7 +90,7 @@ def test_galore_torch_adamw_resumes_here(proj_type, before, use_optimizer):
 def test_galore_torch_full_projection_resumes_here():
     ref, ours, _ = _resume(
         lambda g: galore_torch.GaLoreAdamW(g, lr=1e-2),
-        lambda g: GaLoreAdamW(g, lr=1e-2),
+        lambda g: GaLoreAdamW(g, lr=1e-2, fused=False),  # the bitwise dense path (see test_galore_parity)
         lambda m: _groups(m, "full"),
         7,
     )
@@ -101,7 +101,7 @@ def test_galore_torch_full_projection_resumes_here():
 def test_fira_resumes_here(proj_type, use_optimizer):
     ref, ours, opt = _resume(
         lambda g: fira.FiraAdamW(g, lr=1e-2),
-        lambda g: FiraAdamW(g, lr=1e-2),
+        lambda g: FiraAdamW(g, lr=1e-2, fused=False),
         lambda m: _groups(m, proj_type, "alpha"),
         7,
         use_optimizer=use_optimizer,

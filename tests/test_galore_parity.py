@@ -89,7 +89,7 @@ def test_whole_llama_training_equals_the_reference_with_galore_eps(reference):
     def train(make, key):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config)
-        groups = lowrank_param_groups(model, ["attn", "mlp"], rank=8, update_proj_gap=10, scale=0.25)
+        groups = lowrank_param_groups(model, ["attn", "mlp"], rank=8, update_proj_gap=10, scale=0.25, proj_type="std")
         groups[0][key] = groups[0].pop("scale")
         opt = make(groups)
         for x in data:
@@ -100,11 +100,12 @@ def test_whole_llama_training_equals_the_reference_with_galore_eps(reference):
 
     if reference == "fira":
         ref = train(lambda g: ref_pkg.FiraAdamW(g, lr=1e-2), "alpha")
-        ours = train(lambda g: FiraAdamW(g, lr=1e-2, eps_style="galore", basis_sign="none"), "alpha")
+        # fused=False: the multi-tensor dense path, bit for bit HF AdamW (the fused kernel is equal up to rounding)
+        ours = train(lambda g: FiraAdamW(g, lr=1e-2, eps_style="galore", basis_sign="none", fused=False), "alpha")
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ref = train(lambda g: ref_pkg.GaLoreAdamW(g, lr=1e-2), "scale")
-        ours = train(lambda g: GaLoreAdamW(g, lr=1e-2, eps_style="galore", basis_sign="none"), "scale")
+        ours = train(lambda g: GaLoreAdamW(g, lr=1e-2, eps_style="galore", basis_sign="none", fused=False), "scale")
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)

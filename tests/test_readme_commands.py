@@ -42,6 +42,8 @@ def test_readme_lists_every_entry_point():
         "benchmarks.tune",
         "benchmarks.step_bench",
         "benchmarks.memory",
+        "benchmarks.quant_bench",
+        "benchmarks.gpu_report",
     }
     fenced = [argv for module, argv in readme_commands() if module == "benchmarks.tune"]
     assert any("--output-dir" not in argv for argv in fenced)  # the tuning command runs without one
@@ -87,6 +89,8 @@ def tiny_overrides(module, corpus, cache):
             "svd",
         ],
         "benchmarks.memory": ["--model", "llama_micro", "--rank", "8"],
+        "benchmarks.quant_bench": ["--sizes", "4096", "--reps", "1"],
+        "benchmarks.gpu_report": ["--dry-run", "--output-dir", "runs/gpu_dry"],
     }[module]
 
 
