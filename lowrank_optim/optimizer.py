@@ -85,7 +85,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._projectors: Dict[int, Tuple[tuple, Projector]] = {}
         self._stale: set = set()  # ids of parameters whose saved basis no longer fits their group's settings
         self._validated: Dict[int, tuple] = {}
-        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (found, host copy) not yet read
+        self._pending: List[tuple] = []  # (flag, host copy, copy event) of steps the host has not looked at
         self._skipped = 0
         self._host_step = True
         self._given = frozenset(user)  # options the caller set (not the method's or the parts' defaults)
@@ -405,7 +405,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if it.p not in self.state:
                 self.state[it.p] = it.state
         if not host:
-            self._pending.append((found, found.to("cpu", non_blocking=True)))
+            self._pending.append(_host_copy(found))
 
     def _skip_on_host(self, found: torch.Tensor, items: List[_Item], stage: str) -> bool:
         if not bool(found):
@@ -435,11 +435,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             return
         left = []
-        for found, host_copy in self._pending:
-            if not block and found.device.type == "cuda" and not _copy_done(found):
-                left.append((found, host_copy))
-                continue
-            if bool(host_copy if found.device.type == "cuda" else found):
+        for found, host_copy, done in self._pending:
+            if done is not None and not done.query():  # the copy has not landed yet: look again next step
+                if not block:
+                    left.append((found, host_copy, done))
+                    continue
+                done.synchronize()
+            if bool(host_copy):
                 self._skipped += 1
                 warnings.warn(
                     f"non-finite gradient (NaN, inf or |x| >= {OVERFLOW:.2g}): step skipped on the "
@@ -481,8 +483,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _copy_done(found: torch.Tensor) -> bool:
-    return torch.cuda.current_stream(found.device).query()
+def _host_copy(found: torch.Tensor):
+    """(flag, its copy in host memory, an event marking the copy) without waiting: a CUDA flag is copied
+    asynchronously into pinned memory and read once its event has completed; a CPU flag is its own copy."""
+    if found.device.type != "cuda":
+        return found, found, None
+    host = torch.empty((), dtype=found.dtype, pin_memory=True)
+    host.copy_(found, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return found, host, done
 
 
 def _grad_flag(grads: List[torch.Tensor]) -> torch.Tensor:
