@@ -169,3 +169,42 @@ def test_quantized_identical_bases_overlap_is_clamped_to_one():
     proj = make_projector("svd", 5, "left", (30, 20), basis_bits=4)
     state = refreshed(proj, torch.randn(30, 20))
     assert 0.9 < proj.overlap(state, dict(state)) <= 1.0
+
+
+def test_another_svds_signs_no_longer_change_training(monkeypatch):
+    """Portable bases: an SVD that returns other (equally valid) signs, as another LAPACK, a GPU or a rounding-level
+    change of the gradient can, no longer changes training with kept moments; with raw signs it does."""
+    import lowrank_optim as lo
+
+    real_svd = torch.linalg.svd
+
+    calls = {"n": 0}
+
+    def flipped_svd(a, *args, **kwargs):  # at some refreshes, the same factorisation with pairs 1, 3, ... negated
+        u, s_, vh = real_svd(a, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] % 3 != 1:
+            return u, s_, vh
+        signs = torch.ones(s_.shape[-1], dtype=u.dtype)
+        signs[1::2] = -1
+        return u * signs, s_, vh * signs.unsqueeze(-1)
+
+    def run(sign, flip):
+        calls["n"] = 0
+        with monkeypatch.context() as mp:
+            if flip:
+                mp.setattr(torch.linalg, "svd", flipped_svd)
+            gen = torch.Generator().manual_seed(0)
+            ws = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((40, 24), (24, 40))]
+            opt = lo.GaLoreAdamW([{"params": ws, "rank": 4, "update_proj_gap": 3}], lr=1e-2, basis_sign=sign)
+            for step in range(20):
+                for i, w in enumerate(ws):
+                    w.grad = torch.sin(w * (step + 1) + i).detach()
+                opt.step()
+            return [w.detach().clone() for w in ws]
+
+    def gap(sign):
+        return max(((a - b).norm() / a.norm()).item() for a, b in zip(run(sign, False), run(sign, True)))
+
+    assert gap("align") < 1e-6
+    assert gap("none") > 1e-4  # the failure the canonical signs remove
