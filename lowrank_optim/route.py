@@ -244,7 +244,7 @@ def apply_update(
     flat = target.view(shape) if contiguous else target.reshape(shape)
     if group["weight_decay"]:
         decay = (
-            1 - _as_float(lr) * group["weight_decay"]
+            1 - float(lr) * group["weight_decay"]
             if not isinstance(lr, torch.Tensor)
             else (1 - lr.detach().double() * group["weight_decay"])
         )
@@ -264,10 +264,6 @@ def apply_update(
         target.copy_(flat.view(target.shape))
     if target is not p:
         p.copy_(target)
-
-
-def _as_float(x) -> float:
-    return float(x)
 
 
 def _lr64(lr, device) -> torch.Tensor:
