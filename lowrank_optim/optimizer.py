@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import options as O
+from . import sharding
 from .inner import INNER_RULES, Direction
 from .options import OptionError
 from .parts import (
@@ -166,12 +167,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"{where}: complex parameters are not supported (got a {p.dtype} parameter of "
                     f"shape {tuple(p.shape)})"
                 )
-            if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # a DTensor (FSDP2, tensor parallel)
-                raise NotImplementedError(
-                    f"{where}: a DTensor parameter of shape {tuple(p.shape)} with placements {tuple(p.placements)}: "
-                    "sharded parameters (FSDP2 fully_shard, tensor parallel) are not supported yet; use DDP, which "
-                    "keeps whole parameters on every rank"
-                )
+            if isinstance(p, torch.Tensor):
+                sharding.check_param(p, where)
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
                 raise ValueError(
                     f"{where}: only real floating-point parameters can be optimized (got a {p.dtype} "
@@ -280,7 +277,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (moments, bases, indices, 8-bit codes and absmax, counters)."""
         return sum(
-            _local(v).numel() * v.element_size()
+            sharding.local(v).numel() * v.element_size()
             for st in self.state.values()
             for v in st.values()
             if isinstance(v, torch.Tensor)
@@ -347,10 +344,34 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     continue  # nothing to update
                 found.append((gi, group, p))
         # a new parameter's state dict joins self.state only once its step went through (see _run)
-        return [
-            _Item(gi, group, p, self.state[p] if p in self.state else {}, is_lowrank(group, p))
-            for gi, group, p in found
-        ]
+        items = []
+        for gi, group, p in found:
+            state = self.state[p] if p in self.state else {}
+            lowrank = is_lowrank(group, p)
+            if not sharding.is_sharded(p):
+                items.append(_Item(gi, group, p, state, lowrank))
+                continue
+            spread, view = sharding.Spread(p), _view_of(group, lowrank)
+            if view == "gather":
+                w, g = p.full_tensor(), p.grad.full_tensor()
+            else:
+                w, g = p.to_local(), p.grad.to_local()
+            it = _Item(gi, group, p, sharding.state_view(state, spread, _full_keys(view)), lowrank, w, g, spread, view)
+            it.low_rows = p.shape[0] if view == "local" else None  # the low-rank route may change it
+            items.append(it)
+        return items
+
+    def _store_sharded(self, items: List[_Item]) -> None:
+        """Write the views of sharded parameters back: their state as shards, a gathered weight's rows."""
+        for it in items:
+            if it.spread is None:
+                continue
+            state = self.state[it.p] if it.p in self.state else {}
+            rows = {} if it.low_rows is None else {k: it.low_rows for k in it.state if not k.startswith("proj_")}
+            sharding.store_view(state, it.state, it.spread, _full_keys(it.view), rows)
+            it.state = state
+            if it.view == "gather":
+                it.p.to_local().copy_(it.spread.mine(it.w))
 
     def _host_reads(self, items: List[_Item]) -> bool:
         """Whether this step reads the flag on the host (see the module docstring)."""
@@ -378,7 +399,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _run(self, items: List[_Item]) -> None:
         host = self._host_step = self._host_reads(items)
-        found = _grad_flag([it.p.grad for it in items])
+        ranks = sharding.flag_groups([it.spread for it in items if it.spread is not None])
+        found = _grad_flag([it.g for it in items], items[0].w.device)
+        if host and ranks:
+            sharding.max_over(found, ranks)  # every rank skips together
         if host and self._skip_on_host(found, items, stage="gradient"):
             return
         low = [it for it in items if it.lowrank]
@@ -387,6 +411,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ROUTES[route_name].prepare(self, [it for it in low if it.group["route"] == route_name])
         flags = [found] + [_tensor_flag(it.R) for it in low if it.R is not None]
         found = torch.stack([f.to(found.device) for f in flags]).amax() if len(flags) > 1 else found
+        if ranks:
+            found = sharding.max_over(found.clone(), ranks)
         if host and self._skip_on_host(found, items, stage="projected gradient"):
             return
         for route_name in routes:
@@ -401,6 +427,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for route_name in routes:
             ROUTES[route_name].update(self, [it for it in low if it.group["route"] == route_name], keep_on)
         self._dense_step([it for it in items if not it.lowrank], found, keep_on)
+        self._store_sharded(items)
         for it in items:
             if it.p not in self.state:
                 self.state[it.p] = it.state
@@ -412,7 +439,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return False
         if self.nonfinite == "raise":
             for it in items:
-                g = it.p.grad
+                g = it.g
                 if not bool((g.abs() < OVERFLOW).all()):
                     raise FloatingPointError(
                         f"param group {it.gi}: non-finite gradient (NaN, inf or |x| >= "
@@ -458,13 +485,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for its in by_group.values():
             group = its[0].group
             inner = INNER_RULES[group["inner"]]
-            fused = [it for it in its if _fusable(group, it.p, self._host_step)]
-            rest = [it for it in its if not _fusable(group, it.p, self._host_step)]
+            fused = [it for it in its if _fusable(group, it.w, self._host_step)]
+            rest = [it for it in its if not _fusable(group, it.w, self._host_step)]
             if fused:
                 _fused_adamw(fused, group, found)
             for dev, dev_items in _by_device(rest).items():
                 keep = keep_on(dev)
-                grads = [_grad(it.p, group, matrix=False) for it in dev_items]
+                grads = [_grad(it.g, group, matrix=False) for it in dev_items]
                 dirs = inner.step(
                     [it.state for it in dev_items],
                     grads,
@@ -472,15 +499,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     None if self._host_step else keep,  # a host-checked step needs no gating
                     eps_style=group.get("eps_style") or "torch",
                     counter="step",
-                    params=[it.p for it in dev_items],
+                    params=[it.w for it in dev_items],
                 )
                 for it, d in zip(dev_items, dirs):
-                    apply_update(it.p, group, d.direction, d.step, d.decay_lr, keep)
+                    apply_update(it.w, group, d.direction, d.step, d.decay_lr, keep)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def _view_of(group: Dict, lowrank: bool) -> str:
+    """How a sharded parameter steps (see ``sharding.py``): on its own rows where the parts allow it (Adam moments,
+    the low-rank route), else on the gathered whole (8-bit block layouts, Adafactor's factored statistics, the
+    spectral route)."""
+    if group["inner"] != "adam" or group["state_bits"] == 8:
+        return "gather"
+    return "local" if not lowrank or group["route"] == "lowrank" else "gather"
+
+
+def _full_keys(view: str):
+    """State keys held whole in a step's view: the basis in the local view (gathered for use), all in gather."""
+    return (lambda k: k.startswith("proj_")) if view == "local" else (lambda k: True)
 
 
 def _host_copy(found: torch.Tensor):
@@ -495,13 +532,16 @@ def _host_copy(found: torch.Tensor):
     return found, host, done
 
 
-def _grad_flag(grads: List[torch.Tensor]) -> torch.Tensor:
-    """1.0 (on the first gradient's device) if any entry is NaN, inf or |g| >= OVERFLOW, one read pass each: on CPU
-    per-tensor min / max (torch's CPU inf-norm is several times slower than an AdamW step), elsewhere one
-    multi-tensor inf-norm."""
+def _grad_flag(grads: List[torch.Tensor], first: torch.device) -> torch.Tensor:
+    """1.0 (on ``first``) if any entry is NaN, inf or |g| >= OVERFLOW, one read pass each: on CPU per-tensor
+    min / max (torch's CPU inf-norm is several times slower than an AdamW step), elsewhere one multi-tensor
+    inf-norm. Empty tensors (a rank's share of a small sharded parameter) have nothing to check."""
     by_dev: Dict[torch.device, List[torch.Tensor]] = {}
     for g in grads:
-        by_dev.setdefault(g.device, []).append(g)
+        if g.numel():
+            by_dev.setdefault(g.device, []).append(g)
+    if not by_dev:
+        return torch.zeros((), device=first)
     flags = []
     for dev, gs in by_dev.items():
         if dev.type == "cpu":
@@ -509,7 +549,6 @@ def _grad_flag(grads: List[torch.Tensor]) -> torch.Tensor:
         else:
             peaks = [n.float() for n in torch._foreach_norm(gs, float("inf"))]
         flags.append((~(torch.stack(peaks) < OVERFLOW)).any().float())  # NaN compares False: flagged
-    first = grads[0].device
     return flags[0] if len(flags) == 1 else torch.stack([f.to(first) for f in flags]).amax()
 
 
@@ -540,7 +579,7 @@ def _fusable(group: Dict, p: torch.Tensor, host: bool) -> bool:
         return False
     if isinstance(group["lr"], torch.Tensor) and group["lr"].device != p.device and p.device.type != "cpu":
         return False
-    return p.device.type in ("cpu", "cuda") and not hasattr(p, "to_local")
+    return p.device.type in ("cpu", "cuda")
 
 
 def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
@@ -549,7 +588,7 @@ def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
     for dev, its in _by_device(items).items():
         by_dtype: Dict[torch.dtype, List[_Item]] = {}
         for it in its:
-            by_dtype.setdefault(it.p.dtype, []).append(it)
+            by_dtype.setdefault(it.w.dtype, []).append(it)
         f = found.to(device=dev, dtype=torch.float32)
         for _, dit in by_dtype.items():
             for it in dit:
@@ -557,8 +596,8 @@ def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
                 if "exp_avg" not in st or "exp_avg_codes" in st:
                     for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
                         st.pop(k, None)
-                    st["exp_avg"] = torch.zeros_like(it.p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(it.p, memory_format=torch.preserve_format)
+                    st["exp_avg"] = torch.zeros_like(it.w, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(it.w, memory_format=torch.preserve_format)
                 if not isinstance(st.get("step"), torch.Tensor) or st["step"].device != dev:
                     st["step"] = torch.tensor(float(st.get("step", 0)), dtype=torch.float32, device=dev)
             galore = (group.get("eps_style") or "torch") == "galore"
@@ -570,8 +609,8 @@ def _fused_adamw(items: List[_Item], group: Dict, found: torch.Tensor) -> None:
                 steps = [it.state["step"] for it in tit]
                 torch._foreach_add_(steps, 1)
                 torch._fused_adamw_(
-                    [it.p for it in tit],
-                    [it.p.grad for it in tit],
+                    [it.w for it in tit],
+                    [it.g for it in tit],
                     [it.state["exp_avg"] for it in tit],
                     [it.state["exp_avg_sq"] for it in tit],
                     [],

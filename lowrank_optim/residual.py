@@ -37,19 +37,31 @@ def norm_dim(side: str) -> Optional[int]:
     return {"right": 1, "left": 0}.get(side)
 
 
-def channel_ratio(d: Direction, R: torch.Tensor, side: str) -> torch.Tensor:
-    """``||N_j|| / (||R_j|| + 1e-8)`` per channel along the non-projected dim (one ratio for ``full``)."""
-    dim = norm_dim(side)
+def total_norm(x: torch.Tensor, proj, low: bool = False) -> torch.Tensor:
+    """``||x||`` of a gradient-shaped tensor (or, ``low=True``, a projected one) over every rank that holds rows
+    of it: a sharded parameter's step sees only its rows (``sharding.RowsProjection``); otherwise ``x.norm()``."""
+    spread = getattr(proj, "spread", None)
+    if spread is None or (low and not proj.low_sharded):
+        return x.norm()
+    return spread.norm(x)
+
+
+def channel_ratio(d: Direction, R: torch.Tensor, proj) -> torch.Tensor:
+    """``||N_j|| / (||R_j|| + 1e-8)`` per channel along the non-projected dim (one ratio for ``full``). The
+    per-channel norms run along a whole dim of R, which every rank holds (a right-side R is split by rows)."""
+    dim = norm_dim(proj.side)
     if dim is None:
-        return d.direction.norm() / (R.norm() + 1e-8)
+        return total_norm(d.direction, proj, low=True) / (total_norm(R, proj, low=True) + 1e-8)
     n_norm = d.col_norms if d.col_norms is not None else d.direction.norm(dim=dim)
     return (n_norm / (R.norm(dim=dim) + 1e-8)).unsqueeze(dim)
 
 
-def limit_growth(S: torch.Tensor, state: Dict, key: str, gamma: float, floor: float, keep: torch.Tensor) -> None:
+def limit_growth(
+    S: torch.Tensor, state: Dict, key: str, gamma: float, floor: float, keep: torch.Tensor, proj=None
+) -> None:
     """Norm-growth limiter ``||S_t|| <= gamma ||S_{t-1}||`` (in place). The stored norm is the post-limit one, -1
     before the first kept step, and unchanged by a skipped step. All tensor ops: no host sync."""
-    norm = S.norm()
+    norm = total_norm(S, proj)
     prev = state.get(key)
     if prev is None:
         prev = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
@@ -87,12 +99,12 @@ class FiraResidual:
     )
 
     def __call__(self, G, R, d, proj, state, group, keep):
-        phi = channel_ratio(d, R, proj.side)
+        phi = channel_ratio(d, R, proj)
         if group["fira_residual"] == "paper":  # scale * phi * (I - P P^T) G
             S = outside(G, R, proj, state).mul_(phi).mul_(group["scale"])
         else:  # reference code: phi * (G - scale * P P^T G)
             S = outside(G, R, proj, state, coef=group["scale"]).mul_(phi)
-        limit_growth(S, state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep)
+        limit_growth(S, state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep, proj)
         return S
 
     def expected_bytes(self, group) -> int:
@@ -156,15 +168,15 @@ class ApolloResidual:
 
     def __call__(self, G, R, d, proj, state, group, keep):
         if group["scale_type"] == "tensor":
-            phi = d.direction.norm() / (R.norm() + 1e-8)
+            phi = total_norm(d.direction, proj, low=True) / (total_norm(R, proj, low=True) + 1e-8)
         else:
-            phi = channel_ratio(d, R, proj.side)
+            phi = channel_ratio(d, R, proj)
         S = G * phi
         root = math.sqrt(group["scale"])
         if group["scale_front"]:
             S.mul_(root)
         if not group["disable_nl"]:
-            limit_growth(S, state, "apollo_prev_norm", 1.01, 0.0, keep)
+            limit_growth(S, state, "apollo_prev_norm", 1.01, 0.0, keep, proj)
         if not group["scale_front"]:
             S.mul_(root)
         return S
@@ -181,6 +193,7 @@ __all__ = [
     "norm_dim",
     "channel_ratio",
     "limit_growth",
+    "total_norm",
     "state_free_direction",
     "where_keep",
 ]

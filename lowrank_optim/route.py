@@ -14,6 +14,7 @@ from .parts import register_route
 from .projectors import PROJECTORS, ProjectorError
 from .residual import RESIDUAL_RULES, norm_dim
 from .shapes import density_rank, matrix_shape, projected_dim
+from .sharding import RowsProjection, broadcast_result
 
 
 def _compute_dtype(p: torch.Tensor) -> torch.dtype:
@@ -21,13 +22,24 @@ def _compute_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 class _Item:
-    """One parameter in this step: where it is, what it takes, and the tensors computed for it."""
+    """One parameter in this step: where it is, what it takes, and the tensors computed for it.
 
-    __slots__ = ("gi", "group", "p", "state", "lowrank", "proj", "G", "R", "refresh", "d")
+    ``p`` is the parameter (the key of its state); ``w`` and ``g`` are the weight and gradient the step computes
+    on: ``p`` and ``p.grad`` themselves, or for a sharded parameter this rank's rows (``view == "local"``) or the
+    gathered whole (``view == "gather"``), with ``state`` the matching view of its state (see ``sharding.py``)."""
 
-    def __init__(self, gi, group, p, state, lowrank):
+    __slots__ = (
+        "gi", "group", "p", "state", "lowrank", "proj", "G", "R", "refresh", "d", "w", "g", "spread", "view",
+        "base", "low_rows",
+    )  # fmt: skip
+
+    def __init__(self, gi, group, p, state, lowrank, w=None, g=None, spread=None, view=None):
         self.gi, self.group, self.p, self.state, self.lowrank = gi, group, p, state, lowrank
-        self.proj = self.G = self.R = self.refresh = self.d = None
+        self.w = p if w is None else w
+        self.g = p.grad if g is None else g
+        self.spread, self.view = spread, view
+        self.proj = self.G = self.R = self.refresh = self.d = self.base = None
+        self.low_rows = None  # global rows of the tensor the inner rule steps (a sharded local view)
 
 
 # ---------------------------------------------------------------------------------------------------- routes
@@ -61,14 +73,19 @@ class LowRankRoute:
 
     def prepare(self, opt, items: List["_Item"]) -> None:
         """Compute every due basis (without committing it) and every projected gradient. Mutates no state."""
+        due = []
         for it in items:
-            it.proj = opt.projector_for(it.group, it.p)
-            it.G = _grad(it.p, it.group, matrix=True)
-            if it.proj.rank == 0:  # an empty subspace has no basis: all of G is residual
+            it.proj = it.base = opt.projector_for(it.group, it.p)
+            it.G = _grad(it.g, it.group, matrix=True)
+            if it.proj.rank > 0 and self.refresh_due(opt, it):  # an empty subspace has no basis
+                due.append(it)
+        refresh_all(opt, due)
+        for it in items:
+            if it.proj.rank == 0:  # all of G is residual
                 continue
-            if self.refresh_due(opt, it):
-                it.refresh = _try_refresh(it)
             basis = {**it.state, **it.refresh} if it.refresh else it.state
+            if it.view == "local":
+                it.proj = RowsProjection(it.base, basis, it.spread)
             it.R = it.proj.project(basis, it.G)
 
     def commit_refresh(self, opt, items: List["_Item"]) -> None:
@@ -91,14 +108,14 @@ class LowRankRoute:
             elif old.get("proj_refreshes", 0):
                 if group["adaptive_gap"]:
                     gap = state.get("proj_gap", group["update_proj_gap"])
-                    if it.proj.overlap(old, state) >= group["gap_overlap"]:
+                    if it.base.overlap(old, state) >= group["gap_overlap"]:
                         gap = min(2 * gap, group["max_proj_gap"])
                     state["proj_gap"] = gap
                 policy = group["subspace_change"]
                 if policy == "reset":
                     inner.reset(state)
                 elif policy == "rotate":
-                    inner.rotate(state, it.proj.rotation(old, state))
+                    rotate_moments(it, inner, it.base.rotation(old, state))
 
     def update(self, opt, items: List["_Item"], keep_on) -> None:
         buckets: Dict[tuple, List[_Item]] = {}
@@ -114,17 +131,17 @@ class LowRankRoute:
             dims = [norm_dim(it.proj.side) for it in its] if getattr(rule, "uses_channel_norms", False) else None
             dirs = INNER_RULES[group["inner"]].step(
                 [it.state for it in its],
-                [it.R for it in its],
+                [_rows_to_step(it) for it in its],
                 group,
                 None if opt._host_step else keep_on(dev),  # a host-checked step needs no gating
                 eps_style=style,
                 col_norm_dims=dims,
-                params=[it.p for it in its],
+                params=[it.w for it in its],
             )
             for it, d in zip(its, dirs):
-                it.d = d
+                it.d = _whole_direction(it, d)
         for it in items:
-            self._apply(it, keep_on(it.p.device), opt._host_step)
+            self._apply(it, keep_on(it.w.device), opt._host_step)
             it.state["step"] = it.state.get("step", 0) + 1
 
     @staticmethod
@@ -149,7 +166,7 @@ class LowRankRoute:
                 if rule.joins == "update":
                     U.add_(extra)
                     extra = None
-        apply_update(it.p, group, U, step, lr, keep, extra=extra)
+        apply_update(it.w, group, U, step, lr, keep, extra=extra)
 
     def expected_bytes(self, opt, group: Dict, p: torch.Tensor) -> int:
         proj = opt.projector_for(group, p)
@@ -180,7 +197,7 @@ def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host
     read this step's flag anyway."""
     from . import quant
 
-    p, group = it.p, it.group
+    p, group = it.w, it.group
     lr, wd = d.decay_lr, group["weight_decay"]
     if not (quant.kernels_for(p) and p.is_contiguous() and p.dtype == torch.float32) or isinstance(lr, torch.Tensor):
         return False
@@ -195,11 +212,77 @@ def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host
     return it.proj.fused_apply(it.state, low, p.view(it.G.shape), float(lr), wd, group["scale"], term)
 
 
-def _try_refresh(it: _Item) -> Optional[Dict[str, Any]]:
+def refresh_all(opt, due: List[_Item]) -> None:
+    """``it.refresh`` for every item in ``due``. A sharded parameter's basis comes from the whole gradient (gathered
+    once) on its owner rank, which broadcasts it; owners compute before anyone broadcasts, so ranks work in
+    parallel. A basis that needs no gradient (random, blocks) is drawn on every rank. Same order on every rank."""
+    pending = []
+    for it in due:
+        if it.spread is None or not getattr(it.base, "uses_gradient", True):
+            it.refresh = _try_refresh(it, lambda it=it: it.base.refresh(it.state, it.G))
+            continue
+        G = it.G if it.view == "gather" else it.spread.gather(it.G, it.base.shape[0])
+        owner = it.spread.owner(opt._param_index(it.p, it.group)[0])
+        result = error = None
+        if it.spread.rank == owner:
+            try:
+                result = it.base.refresh(it.state, G)
+            except Exception as err:  # every rank must hear of it, or the others wait forever
+                error = f"{type(err).__name__}: {err}" if not isinstance(err, ProjectorError) else str(err)
+        pending.append((it, owner, result, error))
+        del G
+    for it, owner, result, error in pending:
+        result, error = broadcast_result(it.spread, owner, result, error, it.G.device)
+        it.refresh = _try_refresh(it, lambda result=result, error=error: _raise_or(result, error))
+
+
+def _raise_or(result, error):
+    if error is not None:
+        raise ProjectorError(error)
+    return result
+
+
+def _rows_to_step(it: _Item) -> torch.Tensor:
+    """The projected gradient the inner rule steps here: a left or full projection is whole on every rank in the
+    local view, so each rank steps its rows of it (moments sharded like everything else)."""
+    if it.view == "local" and not it.proj.low_sharded:
+        it.low_rows = it.R.shape[0]
+        return it.spread.mine(it.R)
+    it.low_rows = it.p.shape[0] if it.view == "local" else None
+    return it.R
+
+
+def _whole_direction(it: _Item, d: Direction) -> Direction:
+    """The direction for projecting back: every rank's rows gathered, where each rank stepped only its rows of a
+    whole projected gradient (one all-gather of r x n)."""
+    if it.view != "local" or it.proj.low_sharded:
+        return d
+    return d._replace(direction=it.spread.gather(d.direction, it.R.shape[0]), col_norms=None)
+
+
+def rotate_moments(it: _Item, inner, rot) -> None:
+    """Carry the moments into the new basis. In the local view the moments of a whole (left / full) projection
+    are split by rows: they are gathered for the rotation and each rank keeps its rows."""
+    if it.view != "local" or it.proj.low_sharded:
+        inner.rotate(it.state, rot)
+        return
+    keys = [k for k, v in it.state.items() if isinstance(v, torch.Tensor) and v.dim() and not k.startswith("proj_")]
+    whole = {**it.state, **{k: it.spread.gather(it.state[k], it.R.shape[0]) for k in keys}}
+    inner.rotate(whole, rot)  # rotates in place, or drops the moments (a new size)
+    for k in keys:
+        if k in whole:
+            it.state[k].copy_(it.spread.mine(whole[k]))
+        else:
+            del it.state[k]
+    for k in [k for k in it.state if k not in whole]:
+        del it.state[k]
+
+
+def _try_refresh(it: _Item, compute) -> Optional[Dict[str, Any]]:
     """New basis entries, or None to keep the previous basis after a failed refresh (a failed first one raises)."""
     has_basis = int(it.state.get("proj_refreshes", 0)) > 0
     try:
-        return it.proj.refresh(it.state, it.G)
+        return compute()
     except ProjectorError as err:
         if has_basis:  # keep the previous basis: training continues in the last good subspace
             warnings.warn(
@@ -214,13 +297,12 @@ def _try_refresh(it: _Item) -> Optional[Dict[str, Any]]:
         ) from err
 
 
-def _grad(p: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
-    """The gradient in the compute dtype (as a matrix for low-rank parameters). Read-only: for fp32 parameters it
-    is ``.grad`` itself, so no rule may modify it in place."""
-    g = p.grad
+def _grad(g: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
+    """The gradient in the compute dtype (as a matrix for low-rank parameters: rows by the rest, or a row for a
+    vector). Read-only: for fp32 parameters it is ``.grad`` itself, so no rule may modify it in place."""
     if matrix:
-        g = g.reshape(matrix_shape(p))
-    want = _compute_dtype(p)
+        g = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
+    want = _compute_dtype(g)
     if g.dtype != want:
         g = g.to(want)
     return -g if group["maximize"] else g

@@ -104,12 +104,12 @@ class SpectralRoute:
     # ------------------------------------------------------------------ refresh: factors and sample
     def prepare(self, opt, items) -> None:
         for it in items:
-            it.G = _grad(it.p, it.group, matrix=True)
+            it.G = _grad(it.g, it.group, matrix=True)
             it.refresh = self._refresh(opt, it) if self.refresh_due(opt, it) else None
 
     def _refresh(self, opt, it) -> Dict:
         """New factors (first step, or every ``sst_round`` draws) and a new sample S. Never mutates state."""
-        state, group, p = it.state, it.group, it.p
+        state, group, p = it.state, it.group, it.w
         started = "sst_U" in state
         new: Dict = {}
         draws = int(state.get("proj_refreshes", 0))
@@ -177,11 +177,11 @@ class SpectralRoute:
     # ------------------------------------------------------------------ step
     def update(self, opt, items, keep_on) -> None:
         for it in items:
-            self._step_one(it, keep_on(it.p.device))
+            self._step_one(it, keep_on(it.w.device))
 
     @staticmethod
     def _step_one(it, keep: torch.Tensor) -> None:
-        state, group, p = it.state, it.group, it.p
+        state, group, p = it.state, it.group, it.w
         U, sigma, V, idx = state["sst_U"], state["sst_sigma"], state["sst_V"], state["sst_idx"]
         U32, s32, V32 = U.float(), sigma.float(), V.float()
         g_sigma, g_u, g_v = spectral_grads(it.G, U32, V32, idx)

@@ -166,18 +166,3 @@ def test_optimizer_copies_and_pickles_like_torch(how):
     for (k, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), k
     opt2.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
-
-
-def test_sharded_dtensor_parameters_are_refused_clearly():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match=r"param group 0: a DTensor parameter .* not supported yet"):
-            lo.GaLoreAdamW([{"params": [w], "rank": 2}])
-    finally:
-        dist.destroy_process_group()

@@ -45,6 +45,8 @@ class Projector:
     name = "base"
     # True when the projector's state is r integer indices into a fixed orthonormal basis (DCT, columns).
     index_based = False
+    # False when ``refresh`` needs no gradient (a seeded draw): a sharded parameter's ranks then draw it alone.
+    uses_gradient = True
     # Constructor options this projector reads from a param group: name -> (default, check, doc). ``check(value)``
     # returns whether the value is valid; the constructor raises ValueError (naming key, value and doc) otherwise.
     options: Dict[str, Tuple[object, Callable[[object], bool], str]] = {}

@@ -42,6 +42,8 @@ class BlocksProjector(Projector):
     index_based = True
     any_shape = True  # vectors and matrices alike: a block is a whole parameter
     wants_position = True
+    elementwise = True  # project and project back act entry by entry: a rank's rows project on their own
+    uses_gradient = False  # which blocks are active follows from (seed, refresh count) alone
     options = {
         "block_order": (
             "random",

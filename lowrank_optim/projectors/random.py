@@ -42,6 +42,7 @@ class RandomProjector(Projector):
     }
     # Refresh counts kept in the cache: rotation() needs the old and the new basis at the same time.
     _CACHED_COUNTS = 2
+    uses_gradient = False  # drawn from (seed, parameter, refresh count): every rank draws the same basis
 
     def __init__(self, rank, side, shape, seed=0, random_style: str = "orthonormal", **options):
         super().__init__(rank, side, shape, seed, **options)
