@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import lowrank_optim as lo
 from lowrank_optim.projectors import make_projector
 from lowrank_optim.projectors.base import SIGN_ALIGN_MIN, canonical_signs
 
@@ -208,3 +209,50 @@ def test_another_svds_signs_no_longer_change_training(monkeypatch):
 
     assert gap("align") < 1e-6
     assert gap("none") > 1e-4  # the failure the canonical signs remove
+
+
+def _train_portable(name, noise, monkeypatch, flip_signs, **kw):
+    """20 steps spanning 3 refreshes, moments kept across them. ``noise``: a relative change of every gradient
+    (another reduction order: FSDP's reduce-scatter); ``flip_signs``: an SVD that returns its vectors with other
+    signs (another LAPACK: CPU vs GPU), which is just as valid a factorisation."""
+    if flip_signs:
+        svd, flips = torch.linalg.svd, torch.Generator().manual_seed(3)
+
+        def other_signs(a, full_matrices=True):
+            u, s, vh = svd(a, full_matrices=full_matrices)
+            sign = torch.randint(0, 2, (s.shape[-1],), generator=flips).float() * 2 - 1
+            return u * sign, s, vh * sign[:, None]
+
+        monkeypatch.setattr(torch.linalg, "svd", other_signs)
+    cls = lo.method(name).optimizer_class
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(16, 10)), torch.nn.Parameter(torch.randn(8, 20))]
+    opt = cls([dict(params=ws, rank=4, update_proj_gap=7)], lr=1e-2, **kw)
+    gen, jitter = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for _ in range(20):
+        for w in ws:
+            g = torch.randn(w.shape, generator=gen) + 0.1 * w.detach()
+            w.grad = g * (1 + noise * torch.randn(g.shape, generator=jitter))
+        opt.step()
+    monkeypatch.undo()
+    return [w.detach() for w in ws]
+
+
+def _gap(a, b):
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["galore", "fira", "apollo"])
+def test_training_is_portable_under_a_rounding_level_gradient_change(name, monkeypatch):
+    """Bases are canonicalised (basis_sign="align", the default): a 1e-8 change of the gradients together with an
+    SVD of other sign conventions changes training by no more than 1e-6."""
+    kw = dict(projector="svd") if name == "apollo" else {}
+    reference = _train_portable(name, 0.0, monkeypatch, False, **kw)
+    assert _gap(_train_portable(name, 1e-8, monkeypatch, True, **kw), reference) < 1e-6
+
+
+def test_raw_svd_signs_are_not_portable(monkeypatch):
+    """The same change with galore-torch's raw signs (basis_sign="none") flips kept moments against their basis:
+    training ends far away (what canonicalisation prevents)."""
+    reference = _train_portable("galore", 0.0, monkeypatch, False, basis_sign="none")
+    assert _gap(_train_portable("galore", 1e-8, monkeypatch, True, basis_sign="none"), reference) > 1e-3
