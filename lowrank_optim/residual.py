@@ -23,11 +23,22 @@ from .projectors import Projector
 
 
 def outside(
-    G: torch.Tensor, R: Optional[torch.Tensor], proj: Optional[Projector], state: Dict, coef: float = 1.0
+    G: torch.Tensor,
+    R: Optional[torch.Tensor],
+    proj: Optional[Projector],
+    state: Dict,
+    coef: float = 1.0,
+    into: bool = False,
 ) -> torch.Tensor:
-    """``G - coef * P P^T G``: the gradient minus (a multiple of) its part inside the subspace (all of G at rank 0)."""
+    """``G - coef * P P^T G``: the gradient minus (a multiple of) its part inside the subspace (all of G at rank 0).
+    ``into``: projected back straight into a copy of G (one GEMM, equal up to rounding); otherwise in the reference
+    packages' order (project back, scale, subtract), for bitwise parity."""
     if R is None:
         return G.clone()
+    if into:
+        out = G.clone()
+        proj.add_back(state, R, out, alpha=-coef)
+        return out
     back = proj.project_back(state, R)
     return G - back if coef == 1.0 else G - coef * back
 
@@ -100,10 +111,11 @@ class FiraResidual:
 
     def __call__(self, G, R, d, proj, state, group, keep):
         phi = channel_ratio(d, R, proj)
+        fast = group["fused"] is not False  # fused=False keeps fira's order of operations, bit for bit
         if group["fira_residual"] == "paper":  # scale * phi * (I - P P^T) G
-            S = outside(G, R, proj, state).mul_(phi).mul_(group["scale"])
+            S = outside(G, R, proj, state, into=fast).mul_(phi).mul_(group["scale"])
         else:  # reference code: phi * (G - scale * P P^T G)
-            S = outside(G, R, proj, state, coef=group["scale"]).mul_(phi)
+            S = outside(G, R, proj, state, coef=group["scale"], into=fast).mul_(phi)
         limit_growth(S, state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep, proj)
         return S
 
@@ -135,7 +147,8 @@ class FrugalResidual:
     def __call__(self, G, R, d, proj, state, group, keep):
         if group["inactive_update"] == "none":
             return None
-        rest = state_free_direction(outside(G, R, proj, state), group["inactive_update"])
+        rest = outside(G, R, proj, state, into=group["fused"] is not False)
+        rest = state_free_direction(rest, group["inactive_update"])
         return rest.mul_(group["inactive_lr_scale"])
 
     def expected_bytes(self, group) -> int:

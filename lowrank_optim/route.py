@@ -151,8 +151,9 @@ class LowRankRoute:
         extra = rule(it.G, it.R, d, proj, state, group, keep)
         if extra is not None and rule.joins != "separate":
             extra = where_keep(keep, extra)  # a skipped step's residual may hold NaN: it must add nothing
-        if d is not None and rule.joins != "replace" and _fused_apply(it, d, extra, rule.joins, keep, host):
-            return
+        if d is not None and rule.joins != "replace":
+            if _fused_apply(it, d, extra, rule.joins, keep, host) or _apply_into(it, d, extra, rule.joins, keep):
+                return
         if d is None:
             U, step, lr = None, None, group["lr"]
         else:
@@ -188,6 +189,24 @@ def _default_refresh_due(it: _Item) -> bool:
     if it.group["adaptive_gap"] and "proj_gap" in state:
         return step - state.get("proj_step", 0) >= state["proj_gap"]
     return step % it.group["update_proj_gap"] == 0
+
+
+def _apply_into(it: _Item, d: Direction, extra, joins, keep: torch.Tensor) -> bool:
+    """The low-rank update projected back straight into W: the bias-corrected step, the scale and the skip gate
+    ride on the small direction, so W takes one GEMM (``addmm_``) instead of a full-size U to build, scale and add.
+    Equal to the reference order (project back, scale, step) up to rounding; ``fused=False`` keeps that order."""
+    W, group = it.w, it.group
+    if group["fused"] is False or W.dtype not in (torch.float32, torch.float64) or not W.is_contiguous():
+        return False
+    flat = W.view(it.G.shape)
+    decay(flat, group, d.decay_lr, keep)
+    coef = d.step.to(flat.dtype) * keep.to(flat.dtype)
+    it.proj.add_back(it.state, d.direction * (coef * -group["scale"]), flat)
+    if extra is not None and joins == "update":  # Fira's residual takes the same step (gated by the caller)
+        flat.addcmul_(extra, -coef)
+    elif extra is not None:  # FRUGAL's takes its own plain lr; a skipped step's residual may hold NaN
+        flat.addcmul_(where_keep(keep, extra), -(_lr64(d.decay_lr, keep.device).to(flat.dtype) * keep.to(flat.dtype)))
+    return True
 
 
 def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host: bool) -> bool:
@@ -324,19 +343,7 @@ def apply_update(
     shape = (update if update is not None else extra).shape
     contiguous = target.is_contiguous()  # else (channels_last) work on a row-major copy and write it back
     flat = target.view(shape) if contiguous else target.reshape(shape)
-    if group["weight_decay"]:
-        decay = (
-            1 - float(lr) * group["weight_decay"]
-            if not isinstance(lr, torch.Tensor)
-            else (1 - lr.detach().double() * group["weight_decay"])
-        )
-        flat.mul_(
-            gated(keep, decay, flat.dtype)
-            if not isinstance(decay, torch.Tensor)
-            else torch.where(
-                keep.bool(), decay.to(keep.device, flat.dtype), torch.ones((), dtype=flat.dtype, device=keep.device)
-            )
-        )
+    decay(flat, group, lr, keep)
     if update is not None:
         flat.addcmul_(update, -step.to(flat.dtype) * keep.to(flat.dtype))
     if extra is not None:
@@ -346,6 +353,17 @@ def apply_update(
         target.copy_(flat.view(target.shape))
     if target is not p:
         p.copy_(target)
+
+
+def decay(flat: torch.Tensor, group: Dict, lr, keep: torch.Tensor) -> None:
+    """Decoupled weight decay ``W *= 1 - lr * wd`` (exactly 1 on a skipped step)."""
+    if not group["weight_decay"]:
+        return
+    if not isinstance(lr, torch.Tensor):
+        flat.mul_(gated(keep, 1 - float(lr) * group["weight_decay"], flat.dtype))
+        return
+    factor = (1 - lr.detach().double() * group["weight_decay"]).to(keep.device, flat.dtype)
+    flat.mul_(torch.where(keep.bool(), factor, torch.ones((), dtype=flat.dtype, device=keep.device)))
 
 
 def _lr64(lr, device) -> torch.Tensor:

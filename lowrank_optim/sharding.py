@@ -21,19 +21,17 @@ A new basis needs the whole gradient: it is gathered once per refresh and comput
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - a torch without distributed tensors has no sharded parameters
-    DTensor, Shard = None, None
-
 
 def is_sharded(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # a DTensor exists only once its module is imported: importing it here would cost every user seconds
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t):
@@ -84,8 +82,10 @@ class Spread:
         start, stop = self.rows(full.shape[0])
         return full[start:stop]
 
-    def wrap(self, rows: torch.Tensor, global_rows: int) -> "DTensor":
+    def wrap(self, rows: torch.Tensor, global_rows: int):
         """This rank's rows as a ``Shard(0)`` DTensor of a (global_rows, ...) tensor."""
+        from torch.distributed.tensor import DTensor, Shard
+
         shape = torch.Size((global_rows, *rows.shape[1:]))
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(
@@ -236,6 +236,9 @@ class RowsProjection:
         if self.Q is not None:
             out = out.matmul(self.Q.to(device=out.device, dtype=out.dtype).t())
         return out
+
+    def add_back(self, state, low: torch.Tensor, out: torch.Tensor, alpha: float = 1.0) -> None:
+        out.add_(self.project_back(state, low), alpha=alpha)
 
     def fused_apply(self, *args) -> bool:
         return False  # the Triton pass takes whole bases: a sharded step applies through torch

@@ -102,6 +102,18 @@ class Projector:
             out = out.matmul(self.basis(state, "right").to(out.dtype).t())
         return out
 
+    def add_back(self, state: Dict, low: torch.Tensor, out: torch.Tensor, alpha: float = 1.0) -> None:
+        """``out += alpha * project_back(low)`` in place: a one-sided basis projects back straight into ``out`` (one
+        GEMM, no full-size temporary); index-based projectors use their own projection back."""
+        if self.side != "full" and not self.index_based:
+            basis = self.basis(state, self.side).to(device=low.device, dtype=low.dtype)
+            if self.side == "left":
+                out.addmm_(basis, low, alpha=alpha)
+            else:
+                out.addmm_(low, basis.t(), alpha=alpha)
+            return
+        out.add_(self.project_back(state, low), alpha=alpha)
+
     def fused_apply(
         self,
         state: Dict,
