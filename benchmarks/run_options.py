@@ -26,6 +26,7 @@ NOT_TRAINING = {
     "device",
     "max_tokens",
     "recipe",
+    "fsdp",  # how the run is spread over processes: the same training (the checkpoint's format follows it)
 }
 # options the checkpoint's tensors were built for (shapes, vocabulary, which weights are low-rank): not even
 # --override can change them on a resume
@@ -106,6 +107,12 @@ def build_parser(description=None):
         "--layerwise",
         action="store_true",
         help="update each weight inside backward (lowrank_optim optimizers only; no DDP)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard every transformer block and the root with FSDP2 (fully_shard) instead of DDP; "
+        "checkpoints are torch.distributed.checkpoint directories that resume at any world size",
     )
     add_optimizer_args(p)
     return p
