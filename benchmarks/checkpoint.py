@@ -5,6 +5,10 @@ Layout: OUT/checkpoints/step_00000300.pt (torch.save of tensors, numbers, string
 loads with weights_only=True) and step_00000300.json beside it: {"sha256": hash of the .pt file's bytes, "step",
 "args": the run's resolved options}. A checkpoint counts only if both files exist and the hash matches, so a
 flipped bit, a truncated copy or a crash between the two writes is never resumed from.
+
+--fsdp runs write a directory instead, OUT/checkpoints/step_00000300/ (benchmarks/dcp_checkpoint.py), with
+step_00000300.json beside it: {"files": {name: sha256 of each file in the directory}, "step", "args", ...}; the
+same rule holds for every file in it.
 """
 
 import glob
@@ -12,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -64,27 +69,66 @@ def checkpoint_dir(output_dir):
 
 
 def meta_path(ckpt_path):
-    return os.path.splitext(ckpt_path)[0] + ".json"
+    return os.path.splitext(os.path.normpath(ckpt_path))[0] + ".json"  # (a directory may be given with a slash)
+
+
+def is_sharded(path):
+    """A checkpoint of an --fsdp run (a torch.distributed.checkpoint directory), not a single file."""
+    return os.path.isdir(path)
 
 
 def list_checkpoints(output_dir):
-    """Checkpoint files by step, oldest first (intact or not)."""
-    return sorted(glob.glob(os.path.join(checkpoint_dir(output_dir), "step_*.pt")))
+    """Checkpoints by step, oldest first (intact or not): step_*.pt files and --fsdp runs' step_* directories."""
+    paths = glob.glob(os.path.join(checkpoint_dir(output_dir), "step_*.pt"))
+    paths += [
+        p
+        for p in glob.glob(os.path.join(checkpoint_dir(output_dir), "step_*"))
+        if os.path.isdir(p) and TMP_MARK not in os.path.basename(p)
+    ]
+    return sorted(paths, key=lambda p: (os.path.basename(os.path.splitext(p)[0]), p))
+
+
+def remove(path):
+    """Delete a checkpoint: its checksum file first, so a half-deleted one is never intact."""
+    if os.path.exists(meta_path(path)):
+        os.remove(meta_path(path))
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def remove_stale_tmp(output_dir):
-    """Half-written files a killed run left behind (no live writer: call before this run saves anything)."""
+    """Half-written files (and --fsdp checkpoint directories) a killed run left behind (no live writer: call
+    before this run saves anything)."""
     removed = []
     for folder in (output_dir, checkpoint_dir(output_dir)):
         for path in glob.glob(os.path.join(folder, f"*{TMP_MARK}[0-9]*")):
-            os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(path)
     return removed
 
 
+def _verify_files(path, meta):
+    """Why the directory `path` does not hold exactly the files its checksum file lists, or None."""
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its checksum file lists no files"
+    present = sorted(os.listdir(path))
+    for name in sorted(files):
+        if name not in present:
+            return f"{name} is missing"
+        if sha256_file(os.path.join(path, name)) != files[name]:
+            return f"checksum mismatch in {name} (the file is corrupt or was changed)"
+    extra = [name for name in present if name not in files]
+    if extra:
+        return f"files not in its checksum file: {', '.join(extra)}"
+    return None
+
+
 def verify(path):
-    """(meta dict, None) for an intact checkpoint, else (None, why not)."""
-    if not os.path.isfile(path):
+    """(meta dict, None) for an intact checkpoint (a file, or an --fsdp run's directory), else (None, why not)."""
+    if not os.path.exists(path):
         return None, "no such file"
     try:
         with open(meta_path(path)) as f:
@@ -93,6 +137,9 @@ def verify(path):
         return None, f"its checksum file {os.path.basename(meta_path(path))} is missing"
     except (OSError, ValueError) as e:
         return None, f"its checksum file is unreadable ({e})"
+    if is_sharded(path):
+        why = _verify_files(path, meta)
+        return (None, why) if why else (meta, None)
     if meta.get("sha256") != sha256_file(path):
         return None, "checksum mismatch (the file is corrupt or was changed)"
     return meta, None
@@ -142,11 +189,14 @@ def save(output_dir, step, payload, args_dict, keep):
     path = os.path.join(checkpoint_dir(output_dir), f"step_{step:08d}.pt")
     durable_replace(lambda tmp: torch.save({**payload, "step": step, "rng": _rng_state()}, tmp), path)
     write_json(meta_path(path), {"sha256": sha256_file(path), "step": step, "args": args_dict})
-    for old in list_checkpoints(output_dir)[:-keep]:
-        for f in (old, meta_path(old)):
-            if os.path.exists(f):
-                os.remove(f)
+    remove_old(output_dir, keep)
     return path
+
+
+def remove_old(output_dir, keep):
+    """Keep only the newest `keep` checkpoints."""
+    for old in list_checkpoints(output_dir)[:-keep]:
+        remove(old)
 
 
 def _safe_globals():

@@ -1,7 +1,9 @@
 """LLaMA pretraining benchmark: `python -m benchmarks.pretrain --model llama_60m --optimizer galore`.
 
-Single process or `torchrun --nproc_per_node N -m benchmarks.pretrain ...` (gloo on CPU, nccl on CUDA).
---batch-size is per device; a step consumes batch_size * grad_accum * world_size blocks of --seq-len tokens.
+Single process or `torchrun --nproc_per_node N -m benchmarks.pretrain ...` (gloo on CPU, nccl on CUDA): DDP, or
+FSDP2 with --fsdp (benchmarks/fsdp.py; checkpoints that resume at another world size). --batch-size is per device;
+a step consumes batch_size * grad_accum * world_size blocks of --seq-len tokens (--global-batch sets that number
+instead, the same at any world size).
 Options not given come from the optimizer's paper recipe (--recipe paper; --recipe none: the flag defaults).
 
 Exit status: 0 done (the last lines say where summary.json went and the headline numbers); 2 a usage error (one
@@ -24,8 +26,9 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import data as D
+from . import fsdp
 from . import run_options as opts
-from .cli import UsageError, entry_point, explicit_dests
+from .cli import USAGE_EXIT, UsageError, entry_point, explicit_dests
 from .model import build_model, load_config
 from .optimizers import build_optimizer, optimizer_options, state_bytes
 from .train_loop import Loop, _barrier, say
@@ -77,7 +80,7 @@ def setup_distributed(args):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or args.fsdp) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
 
@@ -145,6 +148,7 @@ def find_resume(args, rank):
         meta, why = ckpt.verify(args.resume)
         if meta is None:
             raise UsageError(f"--resume {args.resume}: not an intact checkpoint: {why}")
+        check_resume_format(args, args.resume)
         say(rank, f"resuming from {args.resume} (step {meta['step']})")
         return args.resume, meta
     path, meta, skipped = ckpt.newest_intact(args.output_dir)
@@ -152,9 +156,21 @@ def find_resume(args, rank):
         say(rank, f"not resuming from {bad}: {why}")
     if path is None:
         say(rank, f"--resume auto: no intact checkpoint in {ckpt.checkpoint_dir(args.output_dir)}; starting fresh")
-    else:
-        say(rank, f"--resume auto: resuming from {path} (step {meta['step']})")
+        return None, None
+    check_resume_format(args, path)
+    say(rank, f"--resume auto: resuming from {path} (step {meta['step']})")
     return path, meta
+
+
+def check_resume_format(args, path):
+    """An --fsdp run resumes from --fsdp checkpoints (directories) only, and any other run from files only."""
+    sharded = ckpt.is_sharded(path)
+    if sharded != args.fsdp:
+        how = "under torchrun with --fsdp" if sharded else "without --fsdp"
+        raise UsageError(
+            f"--resume {args.resume}: {path} was written by a run {'with' if sharded else 'without'} --fsdp "
+            f"(a {'torch.distributed.checkpoint directory' if sharded else 'single file'}); resume it {how}"
+        )
 
 
 def check_resume_options(args, path, meta):
@@ -180,9 +196,14 @@ def restore(path, model, optimizer, scheduler, override):
     run's peak lr at the checkpoint's step."""
     inner = optimizer if hasattr(optimizer, "param_groups") else optimizer.optimizer  # layer-wise wrapper
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
-    state = ckpt.load(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if ckpt.is_sharded(path):
+        from . import dcp_checkpoint
+
+        state = dcp_checkpoint.load(path, model, optimizer)
+    else:
+        state = ckpt.load(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if override:
         for group, options in zip(inner.param_groups, fresh):
@@ -209,23 +230,43 @@ def prepare_run(argv):
         raise UsageError(f"--model: {e}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_name = opts.resolve(args, explicit, config, world)
+    fsdp.check_launch(args)
     opts.check_optimizer(args, config)
     opts.check_data(args)
     return args, config, model_name
 
 
+def start_output_dir(args, rank):
+    opts.check_output_dir(args)
+    for stale in ckpt.remove_stale_tmp(args.output_dir):
+        say(rank, f"removed {stale} (left by an interrupted run)")
+
+
+def start_output(args, rank):
+    """(resume path, its checksum-file contents, overridden option lines) after checking the output directory."""
+    start_output_dir(args, rank)
+    path, meta = find_resume(args, rank)
+    return path, meta, check_resume_options(args, path, meta) if path else []
+
+
 @entry_point(opts.PROG)
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, config, model_name = prepare_run(argv)
+    try:
+        args, config, model_name = prepare_run(argv)
+    except UsageError:
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank finds the same mistake: rank 0 alone reports it
+            raise SystemExit(USAGE_EXIT) from None
+        raise
     rank, world, device = setup_distributed(args)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if rank == 0:
-        opts.check_output_dir(args)
-        for stale in ckpt.remove_stale_tmp(args.output_dir):
-            say(rank, f"removed {stale} (left by an interrupted run)")
-    resume_path, meta = find_resume(args, rank)
-    overridden = check_resume_options(args, resume_path, meta) if resume_path else []
+    if args.fsdp:  # rank 0 reads the output directory and checkpoints once; every rank gets its verdict
+        resume_path, meta, overridden = fsdp.rank0_decides(lambda: start_output(args, rank), rank)
+    else:
+        if rank == 0:
+            start_output_dir(args, rank)
+        resume_path, meta = find_resume(args, rank)
+        overridden = check_resume_options(args, resume_path, meta) if resume_path else []
     global_batch = args.batch_size * args.grad_accum * world
     tokens_per_step = global_batch * args.seq_len
 
@@ -238,7 +279,10 @@ def main(argv=None):
     except (ValueError, KeyError, OSError) as e:  # a corpus too small, a missing --text-field, an unreadable file
         raise UsageError(f"--data {args.data}: {str(e).strip(chr(34) + chr(39))}") from None
     model = build_model(config, args.seed).to(device)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.fsdp:
+        ddp_model = model = fsdp.shard_model(model, device, world)
+    else:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = build_optimizer(args.optimizer, model, args)
     scheduler = make_scheduler(optimizer, args.max_steps, args)
     if args.layerwise:  # from here on `optimizer` is the wrapper; its state_dict holds the inner one's
@@ -264,6 +308,10 @@ def main(argv=None):
             log.close()
 
     run_tokens, run_time = (run.step - step) * tokens_per_step, run.train_time - train_time
+    if args.fsdp:
+        memory = fsdp.memory_summary(optimizer, peak_memory_bytes(device), world)
+    else:
+        memory = {"state_bytes": state_bytes(optimizer), "peak_mem_bytes": peak_memory_bytes(device)}
     summary = {
         "eval_loss": run.evals[-1]["eval_loss"],
         "eval_ppl": run.evals[-1]["eval_ppl"],
@@ -273,9 +321,8 @@ def main(argv=None):
         "tokens": run.step * tokens_per_step,
         "tokens_per_s": run_tokens / run_time if run_tokens and run_time else None,
         "train_time_s": run.train_time,
-        "state_bytes": state_bytes(optimizer),
-        "peak_mem_bytes": peak_memory_bytes(device),
-        "num_params": sum(p.numel() for p in model.parameters()),
+        **memory,
+        "num_params": sum(p.numel() for p in model.parameters()),  # (a DTensor's numel is the whole weight's)
         "model": model_name,
         "config": json.loads(config.to_json_string()),
         "optimizer": optimizer_options(args.optimizer, args),

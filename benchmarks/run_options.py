@@ -26,6 +26,7 @@ NOT_TRAINING = {
     "device",
     "max_tokens",
     "recipe",
+    "fsdp",  # how the run is spread over processes: the same training (the checkpoint's format follows it)
 }
 # options the checkpoint's tensors were built for (shapes, vocabulary, which weights are low-rank): not even
 # --override can change them on a resume
@@ -63,6 +64,14 @@ def build_parser(description=None):
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "lowrank_optim"))
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="per-device micro batch, in sequences")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="sequences per optimizer step over all ranks and --grad-accum micro batches, instead of --batch-size "
+        "(which it sets to global / (world size x grad accum)): the same training at any world size, so a run "
+        "resumes with another number of processes",
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="default 1000 unless --max-tokens is given")
     p.add_argument("--max-tokens", type=int, default=None, help="train tokens; sets --max-steps")
@@ -99,6 +108,12 @@ def build_parser(description=None):
         action="store_true",
         help="update each weight inside backward (lowrank_optim optimizers only; no DDP)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard every transformer block and the root with FSDP2 (fully_shard) instead of DDP; "
+        "checkpoints are torch.distributed.checkpoint directories that resume at any world size",
+    )
     add_optimizer_args(p)
     return p
 
@@ -115,7 +130,11 @@ def check_values(args):
         ("--update-proj-gap", args.update_proj_gap),
     ):
         check_number(flag, value, low=1)
-    for flag, value in (("--max-steps", args.max_steps), ("--max-tokens", args.max_tokens)):
+    for flag, value in (
+        ("--max-steps", args.max_steps),
+        ("--max-tokens", args.max_tokens),
+        ("--global-batch", args.global_batch),
+    ):
         check_number(flag, value, low=1, allow_none=True)
     for flag, value in (
         ("--eval-every", args.eval_every),
@@ -189,6 +208,8 @@ def resolve(args, explicit, config, world):
     check_values(args)
     model_name = os.path.splitext(os.path.basename(args.model))[0]
     args.output_dir = args.output_dir or os.path.join("runs", f"{model_name}-{args.optimizer}-seed{args.seed}")
+    if args.global_batch is not None:
+        args.batch_size = per_device_batch(args, explicit, world)
     global_batch = args.batch_size * args.grad_accum * world
     if args.max_tokens is not None:
         args.max_steps = -(-args.max_tokens // (global_batch * args.seq_len))
@@ -200,9 +221,28 @@ def resolve(args, explicit, config, world):
     return model_name
 
 
+def per_device_batch(args, explicit, world):
+    """--batch-size from --global-batch: an equal slice of every micro batch on each of the `world` ranks."""
+    if "batch_size" in explicit:
+        raise UsageError(
+            f"--global-batch {args.global_batch} and --batch-size {args.batch_size}: give one of them "
+            f"(--batch-size is per device, --global-batch over all {world} rank(s) and --grad-accum micro batches)"
+        )
+    share = world * args.grad_accum
+    if args.global_batch % share:
+        raise UsageError(
+            f"--global-batch {args.global_batch} is not divisible by the world size {world} x --grad-accum "
+            f"{args.grad_accum} = {share}: every rank takes an equal slice of each micro batch"
+        )
+    return args.global_batch // share
+
+
 def training_options(args):
-    """The options that define what is trained, JSON-normalised (tuples become lists) for comparison."""
+    """The options that define what is trained, JSON-normalised (tuples become lists) for comparison. A run's
+    batch is per device (--batch-size) or global (--global-batch, which sets the per-device size from the world
+    size: no training option then, so the run resumes with another number of processes)."""
     opts = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING and k != "recipe_applied"}
+    opts.pop("batch_size" if opts.get("global_batch") is not None else "global_batch", None)
     return json.loads(json.dumps(opts, default=str))
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import data as D
+from . import fsdp
 from . import run_options as opts
 from .cli import TrainingDiverged
 
@@ -40,12 +41,17 @@ def evaluate(model, val_blocks, args, device, rank, world):
     model.eval()
     n = min(len(val_blocks), args.eval_batches * args.batch_size * world)
     mine = val_blocks[:n][rank::world]
+    batches = [(mine[i : i + args.batch_size], 1.0) for i in range(0, len(mine), args.batch_size)]
+    if args.fsdp:  # every forward gathers weights from all ranks: a rank with fewer blocks runs weightless ones
+        blocks_of_rank0 = -(-n // world)
+        most = -(-blocks_of_rank0 // args.batch_size)
+        batches += [(val_blocks[:1], 0.0)] * (most - len(batches))
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), args.batch_size):
-        x = mine[i : i + args.batch_size].to(device)
+    for x, weight in batches:
+        x = x.to(device)
         with autocast(device, args.dtype):
             loss = model(input_ids=x, labels=x).loss
-        total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
+        total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device) * weight
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -91,7 +97,9 @@ class Loop:
             first = self.data_pos + (micro * world + rank) * args.batch_size
             x = self.train_blocks[self.sampler.indices(first, args.batch_size)].to(self.device)
             last = micro == args.grad_accum - 1
-            sync = contextlib.nullcontext() if world == 1 or last else self.ddp_model.no_sync()
+            if args.fsdp:  # FSDP2 keeps unsharded gradients until the last micro batch, then reduce-scatters
+                self.ddp_model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if world == 1 or last or args.fsdp else self.ddp_model.no_sync()
             with sync:
                 with autocast(self.device, args.dtype):
                     loss = self.ddp_model(input_ids=x, labels=x).loss / args.grad_accum
@@ -122,7 +130,8 @@ class Loop:
             grad_norm = None
             if not args.layerwise:  # (layer-wise: the weights were already updated inside the last backward)
                 if args.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip).item()
+                    total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+                    grad_norm = fsdp.scalar(total_norm)  # (a replicated DTensor under --fsdp)
                 self.optimizer.step()
             with warnings.catch_warnings():  # layer-wise updates bypass optimizer.step(), which the scheduler watches
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -163,17 +172,32 @@ class Loop:
             self.run_eval()
 
     def save(self, corpus):
+        payload = {  # (data_pos counts samples of the global order: it does not depend on the world size)
+            "data_pos": self.data_pos,
+            "scheduler": self.scheduler.state_dict(),
+            "args": opts.training_options(self.args),
+            "evals": self.evals,
+            "train_time": self.train_time,
+            "corpus_hash": corpus.hash,
+        }
+        if self.args.fsdp:  # every rank writes its shards
+            from . import dcp_checkpoint
+
+            args = self.args
+            dcp_checkpoint.save(
+                args.output_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                payload,
+                opts.training_options(args),
+                args.keep_checkpoints,
+                self.rank,
+                self.world,
+            )
+            return
         if self.rank == 0:
-            payload = {
-                "data_pos": self.data_pos,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "args": opts.training_options(self.args),
-                "evals": self.evals,
-                "train_time": self.train_time,
-                "corpus_hash": corpus.hash,
-            }
+            payload.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             ckpt.save(
                 self.args.output_dir, self.step, payload, opts.training_options(self.args), self.args.keep_checkpoints
             )

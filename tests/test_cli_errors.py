@@ -181,3 +181,42 @@ def test_data_problems_are_one_line_too(capsys, corpus, tmp_path, monkeypatch):
         capsys, pretrain.main, pretrain_argv(corpus, tmp_path, "--tokenizer", "no-such-org/no-such-tokenizer")
     )
     assert "--tokenizer no-such-org/no-such-tokenizer:" in line and "unreachable" in line
+
+
+TORCHRUN_ENV = dict(LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+
+
+@pytest.mark.parametrize(
+    "world, extra, message",
+    [
+        (None, ["--fsdp"], "--fsdp needs torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, "),
+        (3, ["--fsdp", "--global-batch", "8"], "--global-batch 8 is not divisible by the world size 3 x"),
+        (2, ["--global-batch", "6", "--grad-accum", "2"], "world size 2 x --grad-accum 2 = 4: every rank takes"),
+        (2, ["--global-batch", "8", "--batch-size", "4"], "--global-batch 8 and --batch-size 4: give one of them"),
+        (1, ["--global-batch", "0"], "--global-batch must be >= 1, got 0"),
+        (1, ["--fsdp", "--layerwise"], "--fsdp with --layerwise: layer-wise updates run inside backward"),
+        (2, ["--fsdp", "--optimizer", "galore_ref"], "--fsdp with --optimizer galore_ref: that package's optimizer"),
+    ],
+)
+def test_pretrain_launch_errors(capsys, corpus, tmp_path, monkeypatch, world, extra, message):
+    """Found from torchrun's environment before the process group, the tokenizer or the data."""
+    for key in ("RANK", "WORLD_SIZE", *TORCHRUN_ENV):
+        monkeypatch.delenv(key, raising=False)
+    if world is not None:
+        for key, value in dict(TORCHRUN_ENV, RANK="0", WORLD_SIZE=str(world)).items():
+            monkeypatch.setenv(key, value)
+    line = one_line_exit_2(capsys, pretrain.main, pretrain_argv(corpus, tmp_path, *extra))
+    assert line.startswith("python -m benchmarks.pretrain: error: ") and message in line, line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_pretrain_launch_error_is_reported_by_rank_0_only(capsys, corpus, tmp_path, monkeypatch):
+    """Under torchrun every rank finds the same mistake: one copy of the line, from rank 0; the others exit 2."""
+    for key, value in dict(TORCHRUN_ENV, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as info:
+        pretrain.main(pretrain_argv(corpus, tmp_path, "--fsdp", "--global-batch", "7"))
+    assert info.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    line = one_line_exit_2(capsys, pretrain.main, pretrain_argv(corpus, tmp_path, "--fsdp", "--global-batch", "7"))
+    assert "--global-batch 7 is not divisible by the world size 2" in line
