@@ -1,7 +1,8 @@
 """Loading an optimizer state dict: checked against the optimizer before anything changes, dtypes kept.
 
 torch's ``Optimizer.load_state_dict`` casts floating state to each parameter's dtype; here fp32 moments of bf16
-weights, 8-bit codes and int64 indices come back exactly as saved (only the device follows the parameter). Group
+weights, 8-bit codes and int64 indices come back exactly as saved (only the device follows the parameter). A sharded
+parameter's state comes back sharded like it (see ``sharding.py``), also from a full state dict. Group
 keys missing from an older or foreign dict come from the optimizer's defaults; a saved entry whose shape does not
 fit its parameter is refused with the parameter and the key named."""
 
@@ -12,6 +13,7 @@ from typing import Any, Dict
 
 import torch
 
+from . import sharding
 from .options import OptionError
 
 _METHOD_KEYS = ("projector", "inner", "residual", "route")
@@ -65,12 +67,42 @@ def check_and_load(opt, state_dict: Dict[str, Any]) -> None:
         p = id_map[pid]
         gi = next(i for i, sg in enumerate(saved_groups) if pid in sg["params"])
         _check_entry(opt, new_groups[gi], gi, p, saved)
-        state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+        where = f"param group {gi}, parameter of shape {tuple(p.shape)}"
+        state[p] = {k: _placed(v, p, where, k) for k, v in saved.items()}
     opt.state.clear()
     opt.state.update(state)
     for g, ng in zip(opt.param_groups, new_groups):
         g.clear()
         g.update(ng)
+
+
+def _placed(v, p: torch.Tensor, where: str, key: str):
+    """A saved value as the optimizer keeps it for ``p``: a tensor copied to p's device, its dtype kept. For a sharded
+    ``p`` (FSDP2) every tensor with a dim is a ``Shard(0)`` DTensor of the single-process tensor: a loaded one as it
+    is (``torch.distributed.checkpoint`` resharded it), a whole one (a full state dict loaded by every rank) cut to
+    this rank's rows. 0-dim tensors and numbers stay plain."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    if not sharding.is_sharded(p):
+        if sharding.is_sharded(v):
+            raise ValueError(
+                f"{where}: saved {key} is a DTensor with placements {tuple(v.placements)}, the parameter is a plain "
+                "tensor; load a full state dict (StateDictOptions(full_state_dict=True)) into a single process"
+            )
+        return v.to(device=p.device, copy=True)
+    if sharding.is_sharded(v):
+        placements, mesh = tuple(v.placements), v.device_mesh
+        if placements != tuple(p.placements) or mesh != p.device_mesh:
+            raise ValueError(
+                f"{where}: saved {key} is a DTensor with placements {placements} on {mesh}, the parameter's are "
+                f"{tuple(p.placements)} on {p.device_mesh}: load it through "
+                "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict, which reshards it"
+            )
+        return v.to(device=p.device, copy=True)
+    if v.dim() == 0:
+        return v.to(device=p.device, copy=True)
+    spread = sharding.Spread(p)
+    return spread.wrap(spread.mine(v).to(device=p.device, copy=True), v.shape[0])
 
 
 def _check_entry(opt, group: Dict, gi: int, p: torch.Tensor, saved: Dict) -> None:

@@ -267,7 +267,12 @@ class Adam:
 
 class Adafactor:
     """Adafactor (Shazeer & Stern) as in HF / galore-torch: factored second moment, relative step, RMS clipping.
-    Its relative step needs the parameter's RMS as a number, so each step reads the device (``needs_host``)."""
+    Its relative step needs the parameter's RMS as a number, so each step reads the device (``needs_host``).
+
+    ``lr=0`` (with or without the relative step) is a step that changes no weight: the statistics and the first
+    moment advance as HF's would at lr 0 (the update they take is 0 x the computed one) and nothing is applied,
+    where HF would still apply the decayed first moment. It is the one manual value the relative step accepts:
+    ``torch.distributed.checkpoint`` creates an optimizer's state by one step at lr 0 with zero gradients."""
 
     kind = "inner"
     name = "adafactor"
@@ -284,8 +289,11 @@ class Adafactor:
     )
 
     def check_group(self, group: Dict) -> Optional[str]:
-        if group["relative_step"] and group["lr"] is not None:
-            return "relative_step=True computes its own lr: set lr=None (or relative_step=False)"
+        if group["relative_step"] and group["lr"] is not None and not _is_zero(group["lr"]):
+            return (
+                f"relative_step=True computes its own lr: set lr=None (or relative_step=False); got lr={group['lr']!r} "
+                "(lr=0 alone is accepted: a step that changes no weight)"
+            )
         if not group["relative_step"] and group["lr"] is None:
             return "lr=None needs relative_step=True"
         if group["warmup_init"] and not group["relative_step"]:
@@ -348,8 +356,9 @@ class Adafactor:
             self.init(state, grad, group)
         state["moment_step"] = int(state.get("moment_step", 0)) + 1
         t = state["moment_step"]
-        param_rms = float(self._rms(param.float())) if group["scale_parameter"] else 0.0
-        lr = self._lr(group, t, param_rms)
+        frozen = _is_zero(group["lr"])  # lr 0: every statistic advances, no weight changes (see the class doc)
+        param_rms = float(self._rms(param.float())) if group["scale_parameter"] and not frozen else 0.0
+        lr = 0.0 if frozen else self._lr(group, t, param_rms)
         beta2t = 1.0 - math.pow(t, group["decay_rate"])
         update = grad * grad + group["eps"][0]
         if "exp_avg_sq_row" in state:
@@ -371,13 +380,19 @@ class Adafactor:
             update = m
         col_norms = update.norm(dim=col_norm_dim) if col_norm_dim is not None else None
         one = torch.ones((), dtype=torch.float32, device=grad.device)
-        return Direction(update, one, lr, one, col_norms)
+        step = torch.zeros_like(one) if frozen else one  # at lr 0 even a decayed first moment is not applied
+        return Direction(update, step, lr, one, col_norms)
 
     def rotate(self, state: Dict, rot: Dict[str, torch.Tensor]) -> None:
         # Factored statistics have no meaningful rotation: start them afresh, keep the step count.
         step = state.get("moment_step", 0)
         self.reset(state)
         state["moment_step"] = step
+
+
+def _is_zero(lr) -> bool:
+    """Whether a learning rate (None, a number or a 0-dim tensor) is exactly 0."""
+    return lr is not None and float(lr) == 0.0
 
 
 INNER_RULES = {"adam": Adam(), "adafactor": Adafactor()}

@@ -253,7 +253,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             seed = group["seed"] * 1_000_003 + index
             proj = make_projector(group["projector"], rank, side, shape, seed=seed, **opts)
             state = self.state.get(p, {})
-            if int(state.get("proj_refreshes", 0)) > 0 and (cached is not None or not proj.fits(state)):
+            # a sharded basis is checked through stand-ins of its global shape: index bases (columns, dct) cannot
+            # index a plain tensor with a DTensor, and gathering here would need every rank to call in step
+            shapes = sharding.global_stand_ins(state, lambda k: k.startswith("proj_"))
+            if int(state.get("proj_refreshes", 0)) > 0 and (cached is not None or not proj.fits(shapes)):
                 self._stale.add(id(p))  # the group's subspace settings changed: a new basis at the next step
             cached = self._projectors[id(p)] = (key, proj)
         return cached[1]

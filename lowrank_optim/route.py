@@ -102,6 +102,10 @@ class LowRankRoute:
                         state.pop(k)
             state.update(it.refresh)
             state["proj_step"] = state.get("step", 0)
+            if group["adaptive_gap"]:
+                # held from the first refresh on: a state made by one step (the template torch.distributed.checkpoint
+                # loads into) then has every key a later one has, so a loaded gap is never silently dropped
+                state.setdefault("proj_gap", group["update_proj_gap"])
             inner = INNER_RULES[group["inner"]]
             if stale:
                 inner.reset(state)

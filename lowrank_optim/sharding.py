@@ -117,6 +117,16 @@ def state_view(state: Dict, spread: Spread, full_keys: Callable[[str], bool]) ->
     return {k: (v.full_tensor() if full_keys(k) else v.to_local()) if is_sharded(v) else v for k, v in state.items()}
 
 
+def global_stand_ins(state: Dict, keys: Callable[[str], bool]) -> Dict:
+    """``state`` with each sharded entry under ``keys(key)`` replaced by zeros of its global shape and dtype, on
+    this rank's device: enough for checks that read only shapes (a saved basis against the group's settings),
+    without communication, so any rank may run them alone."""
+    return {
+        k: torch.zeros(v.shape, dtype=v.dtype, device=v.to_local().device) if is_sharded(v) and keys(k) else v
+        for k, v in state.items()
+    }
+
+
 def store_view(state: Dict, view: Dict, spread: Spread, full_keys: Callable[[str], bool], rows_of: Dict) -> None:
     """Write a step's view back into the sharded state: full tensors keep their rows, row tensors are wrapped
     (``rows_of[key]``: the global row count of a row tensor), 0-dim tensors and numbers stay plain."""
@@ -252,6 +262,7 @@ __all__ = [
     "check_param",
     "chunk_range",
     "flag_groups",
+    "global_stand_ins",
     "is_sharded",
     "local",
     "max_over",

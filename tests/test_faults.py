@@ -234,8 +234,9 @@ def test_foreign_state_dict_says_how_to_convert():
 # 8. Adafactor: a per-group lr under the relative step, and torch.compile
 def test_adafactor_refuses_a_manual_lr_under_relative_step_and_compile(monkeypatch):
     w = torch.nn.Parameter(torch.randn(16, 12))
-    with pytest.raises(ValueError, match="param group 0: invalid inner 'adafactor'.*relative_step"):
-        lo.GaLoreAdafactor([{"params": [w], "rank": 4, "lr": 0.0}])
+    with pytest.raises(ValueError, match="param group 0: invalid inner 'adafactor'.*relative_step.*got lr=0.001"):
+        lo.GaLoreAdafactor([{"params": [w], "rank": 4, "lr": 1e-3}])
+    lo.GaLoreAdafactor([{"params": [w], "rank": 4, "lr": torch.tensor(0.0)}])  # lr 0 alone: a step changing no weight
     opt = lo.GaLoreAdafactor([{"params": [w], "rank": 4}])
     w.grad = torch.randn_like(w)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
