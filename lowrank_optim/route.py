@@ -306,7 +306,8 @@ def _grad(g: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
     """The gradient in the compute dtype (as a matrix for low-rank parameters: rows by the rest, or a row for a
     vector). Read-only: for fp32 parameters it is ``.grad`` itself, so no rule may modify it in place."""
     if matrix:
-        g = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
+        # columns spelled out: a rank may hold no rows of a sharded parameter (a (0, -1) reshape is ambiguous)
+        g = g.reshape(g.shape[0], math.prod(g.shape[1:])) if g.dim() >= 2 else g.reshape(1, -1)
     want = _compute_dtype(g)
     if g.dtype != want:
         g = g.to(want)

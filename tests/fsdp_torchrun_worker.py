@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
 
 import lowrank_optim as lo
 from lowrank_optim import route, sharding
@@ -137,6 +138,13 @@ REFRESH_CASES = {
     "svd": (lo.GaLoreAdamW, {}),  # the gathering path, for contrast
 }
 
+FEW_ROWS_CASES = {
+    "rsvd": dict(projector="rsvd"),
+    "columns_norm_full": dict(projector="columns", select="norm", proj_type="full"),
+    "dct_right": dict(projector="dct", proj_type="right"),
+    "svd": {},
+}
+
 LAYERWISE_CASES = {
     "galore": (lo.GaLoreAdamW, {}),  # new bases gathered, computed by an owner rank, broadcast
     "rsvd": (lo.GaLoreAdamW, dict(projector="rsvd")),  # new bases from each rank's rows
@@ -171,12 +179,38 @@ def layerwise_section(results, world, rank):
     results["clip"] = rel_err(train(cls, kw, world, rank, 10, 4, layerwise=clipped), ref)
 
 
+def few_rows_section(results, world, rank):
+    """A (2, 9) matrix over 3 ranks leaves one rank no rows (distributed by hand: FSDP2's padding aside, the same
+    DTensor Shard(0) parameters); 6 steps, refreshes at 0, 2, 4."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, kw in FEW_ROWS_CASES.items():
+        torch.manual_seed(0)
+        plain = [torch.nn.Parameter(torch.randn(2, 9)), torch.nn.Parameter(torch.randn(9, 2))]
+        shards = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        opts = [lo.GaLoreAdamW([dict(params=ps, rank=1, update_proj_gap=2, **kw)], lr=1e-2) for ps in (plain, shards)]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p, q in zip(plain, shards):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), mesh, [Shard(0)])
+            for opt in opts:
+                opt.step()
+        rows = [None] * world
+        dist.all_gather_object(rows, shards[0].to_local().shape[0])
+        err = rel_err([q.full_tensor() for q in shards], [p.detach() for p in plain])
+        results["few_rows"][name] = {"err": err, "rows_per_rank": rows}
+
+
 def main(out, sections):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {"world": world, "refresh": {}, "layerwise": {}}
+    results = {"world": world, "refresh": {}, "layerwise": {}, "few_rows": {}}
+    run = {"refresh": refresh_section, "layerwise": layerwise_section, "few_rows": few_rows_section}
     for section in sections:
-        {"refresh": refresh_section, "layerwise": layerwise_section}[section](results, world, rank)
+        run[section](results, world, rank)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)

@@ -44,7 +44,7 @@ def world2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world3(tmp_path_factory):
-    return _launch(3, ["refresh"], tmp_path_factory)
+    return _launch(3, ["refresh", "few_rows"], tmp_path_factory)
 
 
 @pytest.fixture(params=[2, 3], ids=["world2", "world3"])
@@ -108,6 +108,13 @@ def test_the_record_sees_gradient_gathers_where_they_happen(run):
     for call in run["refresh"]["svd"]["calls"]:
         assert [tuple(e[1]) for e in _gradient_gathers(call)] == SHAPES
         assert [e for e in call["events"] if e[0] == "broadcast"] == [["broadcast", []]] * len(SHAPES)
+
+
+@pytest.mark.parametrize("case", ["rsvd", "columns_norm_full", "dct_right", "svd"])
+def test_a_rank_without_rows_of_a_matrix_steps_with_the_others(world3, case):
+    res = world3["few_rows"][case]
+    assert res["rows_per_rank"] == [1, 1, 0]
+    assert res["err"] < TOL, res["err"]
 
 
 # ---------------------------------------------------------------------------------------------------- layer-wise
