@@ -36,14 +36,15 @@ class LayerwiseOptimizer:
     """Steps each parameter of ``optimizer`` from its post-accumulate-grad hook (see the module docstring).
 
     FSDP2 (``fully_shard``; torch >= 2.5): FSDP runs the hooks of the sharded (DTensor ``Shard(0)``) parameters
-    after each reduce-scatter, with this rank's rows of the averaged gradient in ``.grad``, one parameter group
-    after another in the same order on every rank; each hook's step then issues the optimizer's collectives
-    (non-finite flag, left projections, directions, basis gathers, refreshes) in that same order everywhere, so
-    training equals a single process's. ``clip_grad_norm`` clips by the norm of the whole gradient. The hooks fire
-    only on backwards where FSDP reduce-scatters, and ``accumulation_steps`` counts those: accumulate either with
-    FSDP reducing every micro-batch and ``accumulation_steps=k``, or with ``set_requires_gradient_sync(False)`` on
-    all but the last micro-batch and ``accumulation_steps=1`` (cheaper: one reduce-scatter per window; ``boundary``
-    is then true after every backward, so step schedulers on the window you set). Skipping the reduce-scatter with
+    after each reduce-scatter, with this rank's rows of the averaged gradient in ``.grad``, module after module
+    and parameter after parameter in the same order on every rank; each hook's step then issues the optimizer's
+    collectives (non-finite flag, left projections, directions, basis gathers, refreshes) in that same order
+    everywhere, so training equals a single process's (with or without ``reshard_after_forward``).
+    ``clip_grad_norm`` clips by the norm of the whole gradient. The hooks fire only on backwards where FSDP
+    reduce-scatters, and ``accumulation_steps`` counts those: accumulate either with FSDP reducing every
+    micro-batch and ``accumulation_steps=k``, or with ``set_requires_gradient_sync(False)`` on all but the last
+    micro-batch and ``accumulation_steps=1`` (cheaper: one reduce-scatter per window; ``boundary`` is then true
+    after every backward, so step schedulers on the window you set). Skipping the reduce-scatter with
     ``accumulation_steps > 1`` would step after k reduced backwards, not k micro-batches. Keep FSDP's default
     ``reshard_after_backward=True`` on the backward that updates: kept unsharded weights would not see the update
     (as with ``optimizer.step()``). On torch < 2.5, FSDP never runs these hooks: constructing this over DTensor

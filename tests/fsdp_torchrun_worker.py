@@ -91,15 +91,16 @@ def batches(steps, world, rank):
         yield x, y
 
 
-def train(cls, kw, world, rank, steps, gap, recorder=None, layerwise=None, nosync=False, seen=None):
+def train(cls, kw, world, rank, steps, gap, recorder=None, layerwise=None, nosync=False, seen=None, reshard=True):
     """Final weights (whole) after ``steps`` micro-batches; ``layerwise``: LayerwiseOptimizer keywords; ``nosync``:
-    FSDP skips the reduce-scatter on every other micro-batch (accumulation the FSDP way)."""
+    FSDP skips the reduce-scatter on every other micro-batch (accumulation the FSDP way); ``reshard``: FSDP's
+    ``reshard_after_forward``."""
     model = make_model()
     if world:
         for m in model:
             if isinstance(m, torch.nn.Linear):
-                fully_shard(m)
-        fully_shard(model)
+                fully_shard(m, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
     opt = cls(groups(model, gap), lr=1e-2, **kw)
     if seen is not None:  # registered before the layer-wise hooks, so it sees the gradient they step on
         for p in model.parameters():
@@ -174,6 +175,10 @@ def layerwise_section(results, world, rank):
         "reduce_every_micro_batch": rel_err(train(cls, kw, world, rank, 12, 2, layerwise=two), ref),
         "reduce_on_last_micro_batch": rel_err(train(cls, kw, world, rank, 12, 2, layerwise={}, nosync=True), ref),
     }
+    ref = train(cls, kw, 0, rank, 10, 4, layerwise={})
+    results["unsharded_between_forward_and_backward"] = rel_err(
+        train(cls, kw, world, rank, 10, 4, layerwise={}, reshard=False), ref
+    )
     clipped = dict(clip_grad_norm=0.05)
     ref = train(cls, kw, 0, rank, 10, 4, layerwise=clipped)
     results["clip"] = rel_err(train(cls, kw, world, rank, 10, 4, layerwise=clipped), ref)

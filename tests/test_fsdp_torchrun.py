@@ -141,3 +141,7 @@ def test_layerwise_accumulation_under_fsdp(world2, how):
 
 def test_layerwise_clipping_under_fsdp_clips_by_the_whole_gradient_norm(world2):
     assert world2["clip"] < TOL
+
+
+def test_layerwise_under_fsdp_without_resharding_after_forward(world2):
+    assert world2["unsharded_between_forward_and_backward"] < TOL
