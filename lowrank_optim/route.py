@@ -238,11 +238,16 @@ def _fused_apply(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host
 def refresh_all(opt, due: List[_Item]) -> None:
     """``it.refresh`` for every item in ``due``. A sharded parameter's basis comes from the whole gradient (gathered
     once) on its owner rank, which broadcasts it; owners compute before anyone broadcasts, so ranks work in
-    parallel. A basis that needs no gradient (random, blocks) is drawn on every rank. Same order on every rank."""
+    parallel. A basis that needs no gradient (random, blocks) is drawn on every rank; one that the projector can
+    compute from each rank's rows (``refreshes_by_rows``) is, in the local view, computed on every rank with the
+    projector's own small collectives instead. Same order on every rank."""
     pending = []
     for it in due:
         if it.spread is None or not getattr(it.base, "uses_gradient", True):
             it.refresh = _try_refresh(it, lambda it=it: it.base.refresh(it.state, it.G))
+            continue
+        if it.view == "local" and getattr(it.base, "refreshes_by_rows", False):
+            it.refresh = _try_refresh(it, lambda it=it: it.base.refresh_rows(it.state, it.G, it.spread))
             continue
         G = it.G if it.view == "gather" else it.spread.gather(it.G, it.base.shape[0])
         owner = it.spread.owner(opt._param_index(it.p, it.group)[0])
@@ -324,6 +329,7 @@ def _grad(g: torch.Tensor, group: Dict, matrix: bool) -> torch.Tensor:
     """The gradient in the compute dtype (as a matrix for low-rank parameters: rows by the rest, or a row for a
     vector). Read-only: for fp32 parameters it is ``.grad`` itself, so no rule may modify it in place."""
     if matrix:
+        # columns spelled out: a rank may hold no rows of a sharded parameter (a (0, -1) reshape is ambiguous)
         g = g.reshape(g.shape[0], math.prod(g.shape[1:])) if g.dim() >= 2 else g.reshape(1, g.numel())
     want = _compute_dtype(g)
     if g.dtype != want:

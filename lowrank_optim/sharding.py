@@ -14,9 +14,12 @@ A step works on one of two views of that state:
   the single-process step runs on them, and each rank keeps its rows. Correct for every part, at the cost of one
   all-gather of the gradient and the state per step.
 
-A new basis needs the whole gradient: it is gathered once per refresh and computed by one owner rank per parameter
-(round-robin over parameters), which broadcasts it. Projectors whose basis does not depend on the gradient
-(``random``, ``blocks``) draw it on every rank from (seed, parameter, refresh count): no communication.
+A new basis from the gradient: where the projector offers ``refresh_rows`` (``refreshes_by_rows``; local view),
+every rank computes it from its own rows with the projector's small collectives (``rsvd``: sums of n x k products
+and gathers of m x k sketches; ``columns`` by norm and a right-side ``dct``: one all-reduce of scores). Otherwise
+the gradient is gathered once per refresh and the basis computed by one owner rank per parameter (round-robin over
+parameters), which broadcasts it. Projectors whose basis does not depend on the gradient (``random``, ``blocks``,
+``columns`` drawn at random) draw it on every rank from (seed, parameter, refresh count): no communication.
 """
 
 from __future__ import annotations
@@ -100,6 +103,24 @@ class Spread:
         """``x`` summed over the ranks of the mesh, in place (one all-reduce)."""
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
+
+    def scores(
+        self, global_rows: int, row_values: Optional[torch.Tensor], column_parts: Optional[torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Scores of a matrix whose rows are spread over the mesh, whole on every rank, in one all-reduce:
+        ``row_values`` (one per row of this rank, e.g. row norms: exact, as each rank adds its own values among
+        zeros) and ``column_parts`` (this rank's part of a sum over rows, one per column: summed over ranks)."""
+        parts = []
+        if row_values is not None:
+            start, stop = self.rows(global_rows)
+            placed = row_values.new_zeros(global_rows)
+            placed[start:stop] = row_values
+            parts.append(placed)
+        if column_parts is not None:
+            parts.append(column_parts.reshape(-1))
+        both = self.sum_(torch.cat(parts))
+        split = global_rows if row_values is not None else 0
+        return (both[:split] if row_values is not None else None), (both[split:] if column_parts is not None else None)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """Frobenius norm of a tensor whose rows are spread over the mesh (one all-reduce of a number)."""

@@ -84,3 +84,27 @@ def test_shard0_parameters_train_like_plain_ones_with_dtensor_state(mesh, name):
             else:
                 assert not isinstance(w, DTensor), k
     assert b.state_bytes() == a.state_bytes()
+
+
+@pytest.mark.parametrize("version", ["2.4.1", "2.1.0+cu121"])
+def test_layerwise_refuses_sharded_parameters_where_fsdp2_runs_no_hooks(mesh, monkeypatch, version):
+    from torch.distributed.tensor import Shard
+
+    from lowrank_optim.layerwise import LayerwiseOptimizer
+
+    sharded = _dtensor(torch.randn(8, 4), mesh, Shard(0))
+    plain = torch.nn.Parameter(torch.randn(8, 4))
+    opt = lo.GaLoreAdamW([{"params": [plain], "rank": 2}, {"params": [sharded], "rank": 2}])
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(RuntimeError, match=r"param group 1 holds a DTensor parameter of shape \(8, 4\).*torch >= 2\.5"):
+        LayerwiseOptimizer(opt)
+    LayerwiseOptimizer(lo.GaLoreAdamW([{"params": [plain], "rank": 2}])).remove()  # plain parameters: hooks fire
+
+
+def test_layerwise_takes_sharded_parameters_where_fsdp2_runs_hooks(mesh, monkeypatch):
+    from torch.distributed.tensor import Shard
+
+    from lowrank_optim.layerwise import LayerwiseOptimizer
+
+    monkeypatch.setattr(torch, "__version__", "2.5.0")
+    LayerwiseOptimizer(lo.GaLoreAdamW([_dtensor(torch.randn(8, 4), mesh, Shard(0))], rank=2)).remove()

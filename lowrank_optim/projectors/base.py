@@ -47,6 +47,9 @@ class Projector:
     index_based = False
     # False when ``refresh`` needs no gradient (a seeded draw): a sharded parameter's ranks then draw it alone.
     uses_gradient = True
+    # True when ``refresh_rows`` computes the new basis from one rank's rows of a row-sharded gradient with
+    # collectives smaller than the gradient; else a sharded parameter's gradient is gathered for ``refresh``.
+    refreshes_by_rows = False
     # Constructor options this projector reads from a param group: name -> (default, check, doc). ``check(value)``
     # returns whether the value is valid; the constructor raises ValueError (naming key, value and doc) otherwise.
     options: Dict[str, Tuple[object, Callable[[object], bool], str]] = {}
@@ -72,6 +75,13 @@ class Projector:
         """Compute a new basis from ``grad`` (fp32, 2-D). Returns the new ``proj_*`` entries WITHOUT mutating
         ``state`` (the engine commits them only once every parameter's refresh succeeded). May raise
         ``ProjectorError``."""
+        raise NotImplementedError
+
+    def refresh_rows(self, state: Dict, grad_rows: torch.Tensor, spread) -> Dict[str, torch.Tensor]:
+        """``refresh`` for a gradient whose rows are spread over ranks (``grad_rows``: this rank's rows of the
+        (m, n) gradient, ``spread``: a ``sharding.Spread``), offered where ``refreshes_by_rows`` is True. Every rank
+        calls the same collectives in the same order and returns the same whole entries (what ``refresh`` returns
+        for the whole gradient, up to rounding). Must not mutate ``state``."""
         raise NotImplementedError
 
     def basis(self, state: Dict, which: str) -> torch.Tensor:
@@ -206,6 +216,15 @@ class Projector:
         gen = torch.Generator(device=device)
         gen.manual_seed((self.seed * 1_000_003 + count * 7919 + 12345) % (2**63 - 1))
         return gen
+
+    def top_indices(self, state: Dict, scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """New entries of an index-based projector: per projected side, the indices of the r largest ``scores``
+        (sorted, int64)."""
+        new = next_refresh_count(state)
+        for which, size in self.projected_dims():
+            idx = torch.topk(scores[which], clamp_rank(self.rank, size)).indices
+            new[f"proj_{which}_idx"] = idx.sort().values.to(torch.int64)
+        return new
 
     def projected_dims(self):
         """(which, size) for each projected side: left projects dim m, right projects dim n."""

@@ -25,18 +25,28 @@ class ColumnsProjector(Projector):
     def __init__(self, rank, side, shape, seed=0, select: str = "random", **options):
         super().__init__(rank, side, shape, seed, **options)
         self.select = self.check_option("select", select)
+        # a seeded choice needs no gradient (a sharded parameter's ranks draw it alone); norms come from rows
+        self.uses_gradient = self.refreshes_by_rows = self.select == "norm"
 
     def refresh(self, state, grad):
+        if self.select == "norm":  # left picks rows (norm across dim 1), right picks columns (norm across dim 0)
+            scores = {which: grad.norm(dim=1 if which == "left" else 0) for which, _ in self.projected_dims()}
+            return self.top_indices(state, scores)
         new = next_refresh_count(state)
-        gen = self.generator(state, grad.device) if self.select == "random" else None
+        gen = self.generator(state, grad.device)
         for which, size in self.projected_dims():
-            r = clamp_rank(self.rank, size)
-            if self.select == "random":
-                idx = torch.randperm(size, generator=gen, device=grad.device)[:r]
-            else:  # left picks rows (norm across dim 1), right picks columns (norm across dim 0)
-                idx = torch.topk(grad.norm(dim=1 if which == "left" else 0), r).indices
+            idx = torch.randperm(size, generator=gen, device=grad.device)[: clamp_rank(self.rank, size)]
             new[f"proj_{which}_idx"] = idx.sort().values.to(torch.int64)
         return new
+
+    def refresh_rows(self, state, grad_rows, spread):
+        """select="norm" from this rank's rows: a row's norm is local, a column's is the root of a sum of squares
+        over ranks; both sides' scores in one all-reduce (m + n numbers at most)."""
+        sides = dict(self.projected_dims())
+        row_norms = grad_rows.norm(dim=1) if "left" in sides else None
+        squares = grad_rows.square().sum(dim=0) if "right" in sides else None
+        rows, columns = spread.scores(self.shape[0], row_norms, squares)
+        return self.top_indices(state, {"left": rows, "right": None if columns is None else columns.sqrt()})
 
     def indices(self, state, which):
         return state[f"proj_{which}_idx"]

@@ -9,7 +9,7 @@ from typing import Dict, Tuple
 import torch
 
 from .. import quant
-from .base import Projector, clamp_rank, next_refresh_count, one_of
+from .base import Projector, one_of
 
 _DCT_CACHE: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 _TWIDDLE_CACHE: Dict[Tuple[int, torch.device, torch.dtype], Tuple[torch.Tensor, ...]] = {}
@@ -92,6 +92,9 @@ class DCTProjector(Projector):
         super().__init__(rank, side, shape, seed, **options)
         self.dct_norm = self.check_option("dct_norm", dct_norm)
         self.dct_impl = self.check_option("dct_impl", dct_impl)
+        # a right-side transform acts along each row, so a rank ranks coefficients from its own rows; a left-side
+        # one mixes all rows (the gradient is gathered for it)
+        self.refreshes_by_rows = side == "right"
 
     # --- transforms along one dim: "left" acts on dim 0 (D @ G), "right" on dim 1 (G @ D^T) --------------------
     def _coefficients(self, grad, which):
@@ -129,14 +132,20 @@ class DCTProjector(Projector):
 
     # --- contract ----------------------------------------------------------------------------------------------
     def refresh(self, state, grad):
-        new = next_refresh_count(state)
-        for which, size in self.projected_dims():
+        scores = {}
+        for which, _ in self.projected_dims():
             coeff = self._coefficients(grad, which)
             dim = 1 if which == "left" else 0  # reduce over the non-projected dim
-            score = coeff.abs().sum(dim) if self.dct_norm == "l1" else coeff.norm(dim=dim)
-            idx = torch.topk(score, clamp_rank(self.rank, size)).indices
-            new[f"proj_{which}_idx"] = idx.sort().values.to(torch.int64)
-        return new
+            scores[which] = coeff.abs().sum(dim) if self.dct_norm == "l1" else coeff.norm(dim=dim)
+        return self.top_indices(state, scores)
+
+    def refresh_rows(self, state, grad_rows, spread):
+        """Right side from this rank's rows: per coefficient, its part of the sum over rows (of |c| or c^2),
+        summed over ranks in one all-reduce of n numbers."""
+        coeff = self._coefficients(grad_rows, "right")
+        part = coeff.abs().sum(0) if self.dct_norm == "l1" else coeff.square().sum(0)
+        _, total = spread.scores(self.shape[0], None, part)
+        return self.top_indices(state, {"right": total if self.dct_norm == "l1" else total.sqrt()})
 
     def fused_apply(self, state, low, W, lr, weight_decay, scale, extra):
         if self.side == "full" or self.dct_impl != "matmul" or not quant.kernels_for(W):
