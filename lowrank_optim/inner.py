@@ -18,6 +18,7 @@ import torch
 
 from . import quant
 from .options import Option, boolean, choice, number, pair
+from .state_layout import StateTensor, state_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -58,11 +59,14 @@ class Moment:
             state[key] = torch.zeros_like(like, dtype=moment_dtype(group, like))
 
     @staticmethod
-    def expected_bytes(numel: int, group: Dict, compute: torch.dtype = torch.float32) -> int:
+    def layout(shape, group: Dict, compute: torch.dtype = torch.float32) -> List[StateTensor]:
+        """What ``create`` stores for a moment of ``shape`` (see ``state_layout.py``)."""
+        numel = math.prod(shape)
         if group["state_bits"] == 8 and quant.use_8bit(numel, group["min_8bit_size"]):
-            return numel + quant.num_blocks(numel) * 4  # uint8 codes + fp32 absmax per block
+            # uint8 codes shaped like the moment + fp32 absmax per block of the flattened moment
+            return [state_tensor(shape, torch.uint8), state_tensor((quant.num_blocks(numel),), torch.float32)]
         dtype = torch.float64 if compute == torch.float64 else DTYPES[group["state_dtype"]]
-        return numel * torch.empty((), dtype=dtype).element_size()
+        return [state_tensor(shape, dtype)]
 
     @staticmethod
     def is_quantized(state: Dict, key: str) -> bool:
@@ -167,8 +171,9 @@ class Adam:
             Moment.delete(state, key)
         state.pop("moment_step", None)
 
-    def expected_bytes(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> int:
-        return 2 * Moment.expected_bytes(math.prod(shape), group, compute) + 4  # + the fp32 step counter
+    def state_layout(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> List[StateTensor]:
+        moments = Moment.layout(shape, group, compute)
+        return moments + moments + [state_tensor((), torch.float32)]  # + the 0-dim fp32 step counter
 
     def step(
         self,
@@ -316,12 +321,12 @@ class Adafactor:
         else:
             Moment.create(state, "exp_avg_sq", like, group, signed=False)
 
-    def expected_bytes(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> int:
-        numel = math.prod(shape)
-        total = Moment.expected_bytes(numel, group, compute) if group["beta1"] is not None else 0
-        if len(shape) >= 2:
-            return total + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
-        return total + Moment.expected_bytes(numel, group, compute)
+    def state_layout(self, shape, group: Dict, compute: torch.dtype = torch.float32) -> List[StateTensor]:
+        shape = tuple(shape)
+        out = Moment.layout(shape, group, compute) if group["beta1"] is not None else []
+        if len(shape) >= 2:  # fp32 row and column statistics; the step count is a number
+            return out + [state_tensor(shape[:-1], torch.float32), state_tensor(shape[:-2] + shape[-1:], torch.float32)]
+        return out + Moment.layout(shape, group, compute)
 
     @staticmethod
     def _rms(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Optimizer-state memory before training: ``estimate_state_bytes`` builds the optimizer on the model's parameters
-(a meta-device model works: nothing is allocated, no step is run) and sums each part's own byte formula — the
-inner rule's moments (fp32 / bf16 / 8-bit codes + absmax), the projector's basis or indices, the residual rule's
-scalars. ``optimizer.state_bytes()`` measures the real state; the two agree exactly (tested).
+(a meta-device model works: nothing is allocated, no step is run) and sums each part's state layout (shapes and
+element sizes, ``state_layout.py``) — the inner rule's moments (fp32 / bf16 / 8-bit codes + absmax), the
+projector's basis or indices, the residual rule's scalars. ``optimizer.state_bytes()`` measures the real state;
+the two agree exactly (tested), also per rank of a model sharded with FSDP2 (``world_size``, ``process_rank``).
 
 Not counted by either: the DCT basis cache (one d x d matrix per distinct size and device, shared by every
 weight) and per-step temporaries (the fp32 gradient copy, the projected gradient)."""
@@ -16,6 +17,7 @@ from torch import nn
 
 from .groups import lowrank_param_groups
 from .registry import method
+from .state_layout import check_world
 
 _GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "no_decay_norms_and_biases")
 
@@ -40,15 +42,25 @@ def build(model: nn.Module, optimizer="galore", target_modules: Sequence[str] = 
 
 
 def estimate_state_bytes(
-    model: nn.Module, optimizer="galore", target_modules: Sequence[str] = ("attn", "mlp"), **kwargs
+    model: nn.Module,
+    optimizer="galore",
+    target_modules: Sequence[str] = ("attn", "mlp"),
+    world_size: int = 1,
+    process_rank: int = 0,
+    **kwargs,
 ) -> int:
     """Bytes of optimizer state once every parameter has taken a step. ``kwargs``: rank, update_proj_gap, scale,
-    proj_type and any option of the chosen optimizer (projector, state_bits, state_dtype, density, ...)."""
+    proj_type and any option of the chosen optimizer (projector, state_bits, state_dtype, density, ...).
+
+    ``world_size`` > 1: the bytes process ``process_rank`` holds when every parameter is sharded ``Shard(0)`` over
+    ``world_size`` ranks (FSDP2 ``fully_shard``; ``rank`` stays the subspace rank). ``model``: the unsharded model
+    (or a sharded one: shapes are global either way)."""
     import warnings
 
+    check_world(world_size, process_rank, "process_rank")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "trained densely" notes are for training, not for estimates
-        return build(model, optimizer, target_modules, **kwargs).expected_state_bytes()
+        return build(model, optimizer, target_modules, **kwargs).expected_state_bytes(world_size, process_rank)
 
 
 __all__ = ["estimate_state_bytes", "build", "optimizer_class"]

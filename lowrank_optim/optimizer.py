@@ -48,6 +48,7 @@ from .projectors import PROJECTORS, Projector, make_projector
 from .residual import RESIDUAL_RULES
 from .route import LowRankRoute, _compute_dtype, _default_refresh_due, _grad, _Item, apply_update
 from .shapes import density_rank, matrix_shape, projected_dim, side_for
+from .state_layout import StateTensor, check_world, rank_bytes
 
 NONFINITE_POLICIES = ("skip", "raise")
 # |g| at or above this overflows g * g in fp32: such a gradient would write inf into Adam's second moment.
@@ -286,19 +287,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if isinstance(v, torch.Tensor)
         )
 
-    def expected_state_bytes(self) -> int:
+    def expected_state_bytes(self, world_size: int = 1, rank: int = 0) -> int:
         """What ``state_bytes()`` will report once every parameter has stepped, from shapes alone (works on
-        meta-device parameters: nothing is allocated). See ``lowrank_optim.memory.estimate_state_bytes``."""
-        total = 0
+        meta-device parameters: nothing is allocated). ``world_size`` > 1: what process ``rank`` reports when every
+        parameter is sharded ``Shard(0)`` over ``world_size`` ranks (FSDP2 ``fully_shard``); shapes are the
+        parameters' global ones. See ``lowrank_optim.memory.estimate_state_bytes``."""
+        check_world(world_size, rank)
+        return sum(rank_bytes(layout, world_size, rank) for layout in self.state_layouts())
+
+    def state_layouts(self) -> List[List[StateTensor]]:
+        """Per parameter that will take a step, the state tensors it will hold (see ``state_layout.py``)."""
+        out = []
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 if is_lowrank(group, p):
-                    total += ROUTES[group["route"]].expected_bytes(self, group, p)
+                    out.append(ROUTES[group["route"]].state_layout(self, group, p))
                 else:
-                    total += INNER_RULES[group["inner"]].expected_bytes(tuple(p.shape), group, _compute_dtype(p))
-        return total
+                    out.append(INNER_RULES[group["inner"]].state_layout(tuple(p.shape), group, _compute_dtype(p)))
+        return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As torch's (pre-hooks may replace the dict, post-hooks see the loaded state, missing group keys come

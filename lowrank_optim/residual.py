@@ -20,6 +20,7 @@ import torch
 from .inner import Direction, where_keep
 from .options import Option, boolean, choice, number
 from .projectors import Projector
+from .state_layout import state_tensor
 
 
 def outside(
@@ -88,8 +89,8 @@ class NoResidual:
     def __call__(self, G, R, d, proj, state, group, keep):
         return None
 
-    def expected_bytes(self, group) -> int:
-        return 0
+    def state_layout(self, group) -> list:
+        return []
 
 
 class FiraResidual:
@@ -119,8 +120,8 @@ class FiraResidual:
         limit_growth(S, state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep, proj)
         return S
 
-    def expected_bytes(self, group) -> int:
-        return 4  # the limiter's previous norm, an fp32 scalar
+    def state_layout(self, group) -> list:
+        return [state_tensor((), torch.float32)]  # the limiter's previous norm, a 0-dim fp32 tensor
 
 
 def state_free_direction(x: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
@@ -151,8 +152,8 @@ class FrugalResidual:
         rest = state_free_direction(rest, group["inactive_update"])
         return rest.mul_(group["inactive_lr_scale"])
 
-    def expected_bytes(self, group) -> int:
-        return 0
+    def state_layout(self, group) -> list:
+        return []
 
 
 class ApolloResidual:
@@ -194,8 +195,8 @@ class ApolloResidual:
             S.mul_(root)
         return S
 
-    def expected_bytes(self, group) -> int:
-        return 0 if group["disable_nl"] else 4
+    def state_layout(self, group) -> list:
+        return [] if group["disable_nl"] else [state_tensor((), torch.float32)]
 
 
 RESIDUAL_RULES = {r.name: r for r in (NoResidual(), FiraResidual(), FrugalResidual(), ApolloResidual())}

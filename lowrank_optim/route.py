@@ -15,6 +15,7 @@ from .projectors import PROJECTORS, ProjectorError
 from .residual import RESIDUAL_RULES, norm_dim
 from .shapes import density_rank, matrix_shape, projected_dim
 from .sharding import RowsProjection, broadcast_result
+from .state_layout import StateTensor
 
 
 def _compute_dtype(p: torch.Tensor) -> torch.dtype:
@@ -173,12 +174,15 @@ class LowRankRoute:
                     extra = None
         apply_update(it.w, group, U, step, lr, keep, extra=extra)
 
-    def expected_bytes(self, opt, group: Dict, p: torch.Tensor) -> int:
+    def state_layout(self, opt, group: Dict, p: torch.Tensor) -> List[StateTensor]:
+        """Basis (or indices), the moments of the projected gradient, the residual rule's scalars. Sharded, the
+        moments of a left or full projection (r x n, r x r) are split by rows of r, those of a right one (m x r)
+        by rows of m (see ``sharding.py``): either way ``Shard(0)`` of this single-process shape."""
         proj = opt.projector_for(group, p)
-        inner = INNER_RULES[group["inner"]]
         low = proj.low_rank_shape() if proj.rank > 0 else None
-        moments = inner.expected_bytes(low, group, _compute_dtype(p)) if low and math.prod(low) else 0
-        return proj.expected_state_bytes() + moments + RESIDUAL_RULES[group["residual"]].expected_bytes(group)
+        inner = INNER_RULES[group["inner"]]
+        moments = inner.state_layout(low, group, _compute_dtype(p)) if low and math.prod(low) else []
+        return proj.state_layout() + moments + RESIDUAL_RULES[group["residual"]].state_layout(group)
 
 
 register_route(LowRankRoute())

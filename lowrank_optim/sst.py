@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ from .projectors import ProjectorError, sst_sample
 from .projectors.svd import truncated_svd
 from .route import _grad
 from .shapes import matrix_shape
+from .state_layout import StateTensor, state_tensor
 
 # Moment prefixes: each set is a plain Adam state (exp_avg, exp_avg_sq, moment_step) flattened into the
 # parameter's state under its prefix, so checkpoints stay flat dicts of tensors and numbers.
@@ -88,17 +89,17 @@ class SpectralRoute:
     def refresh_due(self, opt, it) -> bool:
         return "sst_U" not in it.state or it.state.get("step", 0) % it.group["update_proj_gap"] == 0
 
-    def expected_bytes(self, opt, group: Dict, p: torch.Tensor) -> int:
+    def state_layout(self, opt, group: Dict, p: torch.Tensor) -> List[StateTensor]:
         (m, n), r = matrix_shape(p), group["rank"]
         k = min(m, n)
-        factor = torch.empty((), dtype=DTYPES[group["factor_dtype"]]).element_size()
+        factor = DTYPES[group["factor_dtype"]]
         adam = INNER_RULES["adam"]
         return (
-            (m + n + 1) * k * factor
-            + r * 8  # U, sigma, V and the sampled indices
-            + adam.expected_bytes((k,), group)
-            + adam.expected_bytes((m, r), group)
-            + adam.expected_bytes((n, r), group)
+            [state_tensor((m, k), factor), state_tensor((k,), factor), state_tensor((n, k), factor)]  # U, sigma, V
+            + [state_tensor((r,), torch.int64)]  # the sampled indices
+            + adam.state_layout((k,), group)
+            + adam.state_layout((m, r), group)
+            + adam.state_layout((n, r), group)
         )
 
     # ------------------------------------------------------------------ refresh: factors and sample

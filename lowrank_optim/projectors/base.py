@@ -12,9 +12,11 @@ Sides, for a 2-D gradient ``G`` of shape (m, n):
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from ..state_layout import StateTensor, rank_bytes, state_tensor
 
 SIDES = ("left", "right", "full")
 # |<old_i, new_i>| at or above this means new vector i continues old vector i, so its sign follows the old one;
@@ -195,12 +197,16 @@ class Projector:
                 values.append(float(old.t().matmul(new).square().sum()) / width)
         return min(1.0, max(0.0, sum(values) / len(values)))  # clamped: quantized bases are orthonormal to ~1e-2
 
-    def expected_state_bytes(self) -> int:
-        """Bytes ``refresh`` stores, from the configuration alone (for the estimator before training):
-        int64 indices for index-based projectors, fp32 basis matrices otherwise (random overrides: none)."""
+    def state_layout(self) -> List[StateTensor]:
+        """The tensors ``refresh`` stores, from the configuration alone (for the estimator before training):
+        int64 indices for index-based projectors, fp32 basis matrices otherwise (random, blocks: none)."""
         if self.index_based:
-            return sum(min(self.rank, size) * 8 for _, size in self.projected_dims())
-        return sum(min(self.rank, *self.shape) * size * 4 for _, size in self.projected_dims())
+            return [state_tensor((min(self.rank, size),), torch.int64) for _, size in self.projected_dims()]
+        return [state_tensor((size, min(self.rank, *self.shape)), torch.float32) for _, size in self.projected_dims()]
+
+    def expected_state_bytes(self) -> int:
+        """Bytes ``refresh`` stores (one process)."""
+        return rank_bytes(self.state_layout())
 
     def state_bytes(self, state: Dict) -> int:
         return sum(

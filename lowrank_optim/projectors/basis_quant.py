@@ -13,12 +13,14 @@ state saved with one setting still reads after a change of the option.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import math
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import quant
+from ..state_layout import StateTensor, rank_bytes, state_tensor
 
 BASIS_BITS = (32, 8, 4)
 INT4_BLOCK = 64
@@ -86,19 +88,26 @@ def decode_basis(state: Dict, key: str, shape) -> torch.Tensor:
     raise KeyError(f"no basis {key!r} in the projector state")
 
 
-def basis_bytes(numel: int, bits: int) -> int:
-    """Bytes ``encode_basis`` stores for a basis of ``numel`` entries."""
+def basis_layout(shape, bits: int) -> List[StateTensor]:
+    """The tensors ``encode_basis`` stores for a basis of ``shape`` (see ``state_layout.py``)."""
+    numel = math.prod(shape)
     if bits == 32:
-        return numel * 4
+        return [state_tensor(shape, torch.float32)]
     if bits == 8:
-        return numel + quant.num_blocks(numel) * 4
-    return (numel + 1) // 2 + int4_blocks(numel) * 4
+        return [state_tensor(shape, torch.uint8), state_tensor((quant.num_blocks(numel),), torch.float32)]
+    return [state_tensor(((numel + 1) // 2,), torch.uint8), state_tensor((int4_blocks(numel),), torch.float32)]
+
+
+def basis_bytes(numel: int, bits: int) -> int:
+    """Bytes ``encode_basis`` stores for a basis of ``numel`` entries (one process)."""
+    return rank_bytes(basis_layout((numel,), bits))
 
 
 __all__ = [
     "BASIS_BITS",
     "INT4_BLOCK",
     "basis_bytes",
+    "basis_layout",
     "decode_basis",
     "dequantize_int4",
     "encode_basis",

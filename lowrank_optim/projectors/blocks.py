@@ -102,8 +102,8 @@ class BlocksProjector(Projector):
     def low_rank_shape(self):
         return self.shape if self._active(0) else (self.shape[0], 0)
 
-    def expected_state_bytes(self) -> int:
-        return 0
+    def state_layout(self):
+        return []
 
     def fits(self, state) -> bool:
         return True

@@ -98,8 +98,8 @@ class RandomProjector(Projector):
                     raise ProjectorError(f"{self.name}: QR failed ({err})") from err
         return out
 
-    def expected_state_bytes(self) -> int:
-        return 0  # only the refresh counter, a number
+    def state_layout(self):
+        return []  # only the refresh counter, a number
 
     def basis(self, state, which):
         count = int(state.get("proj_refreshes", 0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import Projector, ProjectorError, canonical_signs, check_finite, next_refresh_count, one_of
-from .basis_quant import BASIS_BITS, basis_bytes, decode_basis, encode_basis, has_basis
+from .basis_quant import BASIS_BITS, basis_layout, decode_basis, encode_basis, has_basis
 
 BASIS_SIGNS = ("align", "none")
 
@@ -75,5 +75,6 @@ class SVDProjector(Projector):
         size = self.shape[0] if which == "left" else self.shape[1]
         return decode_basis(state, "proj_" + which, (size, self.basis_width()))
 
-    def expected_state_bytes(self) -> int:
-        return sum(basis_bytes(self.basis_width() * size, self.basis_bits) for _, size in self.projected_dims())
+    def state_layout(self):
+        width = self.basis_width()
+        return [t for _, size in self.projected_dims() for t in basis_layout((size, width), self.basis_bits)]
