@@ -42,6 +42,7 @@ def test_readme_lists_every_entry_point():
         "benchmarks.tune",
         "benchmarks.step_bench",
         "benchmarks.memory",
+        "benchmarks.fsdp_state",
         "benchmarks.quant_bench",
         "benchmarks.gpu_report",
     }
@@ -89,6 +90,7 @@ def tiny_overrides(module, corpus, cache):
             "svd",
         ],
         "benchmarks.memory": ["--model", "llama_micro", "--rank", "8"],
+        "benchmarks.fsdp_state": ["--models", "llama_micro:8", "--worlds", "1,2"],
         "benchmarks.quant_bench": ["--sizes", "4096", "--reps", "1"],
         "benchmarks.gpu_report": ["--dry-run", "--output-dir", "runs/gpu_dry"],
     }[module]
