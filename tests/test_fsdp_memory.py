@@ -29,7 +29,7 @@ def ranks(request, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", WORKER, str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     results = []
     for r in range(world):
         with open(out / f"rank{r}.json") as f:

@@ -27,7 +27,7 @@ def counted(tmp_path_factory):
     cmd += ["--methods", "GaLore (svd),GaLore random,AdamW"]
     cmd += ["--output", str(out / "t.md"), "--json", str(out / "t.json")]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     with open(out / "t.json") as f:
         data = json.load(f)
     assert data["world"] == 2 and data["same_on_every_rank"]
