@@ -42,8 +42,10 @@ WHERE_FROM = [  # the design of lowrank_optim/sharding.py, which the rows measur
     "(svd, rsvd), a left-side projection P^T G is all-reduced (r x n) and its Adam direction all-gathered back "
     "(r x n); Fira adds one all-reduced norm per matrix; dense AdamW needs nothing;",
     "- a refresh all-gathers each gradient, one owner rank per matrix computes the basis and broadcasts it (with a "
-    "small broadcast_object_list of its layout); `random` draws its basis on every rank from the seed: no "
-    "basis traffic at all, neither per step nor at refreshes;",
+    "small broadcast_object_list of its layout); `rsvd` instead refreshes from each rank's rows: all-reduced "
+    "n x k products and all-gathered m x k sketches (k = rank + oversample, several rounds for the power "
+    "iterations): (m + n) x k per round instead of the m x n gradient, at 2 ranks about as many bytes; `random` "
+    "draws its basis on every rank from the seed: no basis traffic at all, neither per step nor at refreshes;",
     "- 8-bit states (and Adafactor, SST) step on the gathered whole: the parameter, its gradient and every state "
     "tensor (codes, absmax, basis) are all-gathered every step, dense parameters (embeddings, lm_head) included, "
     "which costs about as much as FSDP2's own forward and backward.",
