@@ -201,18 +201,6 @@ def test_adafactor_step_at_lr_0_advances_statistics_and_changes_no_weight(relati
 
 
 # ---------------------------------------------------------------------------------------------------- one rank
-@pytest.fixture(scope="module")
-def mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_state_that_cannot_be_placed_is_refused_by_name(mesh):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 

@@ -3,22 +3,10 @@ exactly like plain tensors with their state kept as DTensor shards. Multi-rank r
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import lowrank_optim as lo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*trained densely")
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def _dtensor(x, mesh, placement):
