@@ -139,6 +139,54 @@ def _as64(x, device) -> torch.Tensor:
     return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
+def _fusable_moments(state: Dict, grad: torch.Tensor, group: Dict, eps_style: str, known: bool) -> bool:
+    """Whether torch's fused AdamW kernel can compute this moment update and direction (``_fused_directions``):
+    plain moments of the gradient's dtype on CPU / CUDA, bias correction on, and, for galore-style eps (which the
+    kernel places after the correction), a step count the host may read (a host-checked, uncompiled step)."""
+    if group.get("fused") is False or not group["correct_bias"] or grad.device.type not in ("cpu", "cuda"):
+        return False
+    if grad.dtype not in (torch.float32, torch.float64) or state["exp_avg"].dtype != grad.dtype:
+        return False
+    return eps_style == "torch" or (known and not torch.compiler.is_compiling())
+
+
+def _fused_directions(states, grads, ts, factors, group, keep, eps_style, which, steps, out) -> None:
+    """Adam's moments and direction ``m / (sqrt(v) + eps)`` through torch's fused AdamW kernel, run on a zero
+    "parameter" D at lr 1: the kernel leaves ``D = -factor * m / (sqrt(v) + eps)`` (factor: the bias factor
+    sqrt(1 - b2^t) / (1 - b1^t); galore-style eps enters the kernel as eps / sqrt(1 - b2^t)), so the direction is
+    ``-D / factor``: one multi-threaded pass instead of seven list passes, equal up to rounding (``fused=False``
+    keeps the list path, bit for bit). A skipped step (``keep`` 0) changes no moment, as in torch's GradScaler path.
+    The step counts in ``ts`` already include this step."""
+    beta1, beta2 = group["betas"]
+    found = None if keep is None else (1.0 - keep).to(torch.float32)
+    buckets: Dict[tuple, List[int]] = {}
+    for i in which:
+        eps = group["eps"] if eps_style == "torch" else group["eps"] / math.sqrt(1 - beta2 ** float(ts[i]))
+        buckets.setdefault((grads[i].device, grads[i].dtype, eps), []).append(i)
+    for (device, dtype, eps), idx in buckets.items():
+        ds = [torch.zeros_like(grads[i]) for i in idx]
+        torch._fused_adamw_(
+            ds,
+            [grads[i] for i in idx],
+            [states[i]["exp_avg"] for i in idx],
+            [states[i]["exp_avg_sq"] for i in idx],
+            [],
+            [ts[i] for i in idx],
+            amsgrad=False,
+            lr=1.0,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None if found is None else found.to(device),
+        )
+        torch._foreach_mul_(ds, [(-1.0 / factors[i]).to(dtype) for i in idx])
+        for i, d in zip(idx, ds):
+            out[i] = Direction(d, steps[i].to(dtype), group["lr"], factors[i].to(dtype))
+
+
 class Adam:
     """Adam moments on lists of tensors. ``eps_style="galore"`` adds eps to sqrt(v) before bias correction
     (galore-torch / HF AdamW); ``"torch"`` is ``torch.optim.AdamW``'s placement (eps after correcting v)."""
@@ -208,6 +256,10 @@ class Adam:
             eps_list = [(bc * eps).to(g.dtype) for bc, g in zip(bc2_sqrt, grads)]
         out: List[Optional[Direction]] = [None] * len(states)
         plain = [i for i, st in enumerate(states) if not Moment.is_quantized(st, "exp_avg")]
+        fast = [i for i in plain if _fusable_moments(states[i], grads[i], group, eps_style, known)]
+        if fast:
+            _fused_directions(states, grads, ts, factors, group, keep, eps_style, fast, steps, out)
+            plain = [i for i in plain if out[i] is None]
         if plain:
             compute = grads[plain[0]].dtype
             ms = [Moment.load(states[i], "exp_avg", True, compute) for i in plain]

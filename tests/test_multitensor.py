@@ -52,17 +52,27 @@ def test_fused_dense_state_is_torch_adamw_state():
 def test_projected_moments_step_in_one_multi_tensor_call(monkeypatch):
     model = TinyNet()
     opt = lo.GaLoreAdamW(lowrank_groups_for(model), lr=1e-2)
-    calls = []
-    real = torch._foreach_addcmul_
+    calls = {}
 
-    def spy(*args, **kw):
-        calls.append(len(args[0]))
-        return real(*args, **kw)
+    def spy(name):
+        real = getattr(torch, name)
 
-    monkeypatch.setattr(torch, "_foreach_addcmul_", spy)
+        def counted(*args, **kw):
+            calls.setdefault(name, []).append(len(args[0]))
+            return real(*args, **kw)
+
+        return counted
+
+    for name in ("_foreach_addcmul_", "_fused_adamw_"):  # the list path, or torch's fused kernel (the default)
+        monkeypatch.setattr(torch, name, spy(name))
     train(model, opt, batches(1))
     lowrank = sum(1 for g in opt.param_groups if "rank" in g for p in g["params"] if lo.optimizer.is_lowrank(g, p))
-    assert lowrank >= 3 and lowrank in calls  # v <- b2 v + (1 - b2) R*R over every projected moment at once
+    # v <- b2 v + (1 - b2) R*R over every projected moment at once: one fused call by default (dense ones: another)
+    assert lowrank >= 3 and lowrank in calls["_fused_adamw_"] and "_foreach_addcmul_" not in calls
+    calls.clear()
+    opt = lo.GaLoreAdamW(lowrank_groups_for(model), lr=1e-2, fused=False)
+    train(model, opt, batches(1))
+    assert lowrank in calls["_foreach_addcmul_"] and lowrank not in calls.get("_fused_adamw_", [])  # list path
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30, 3e38])
