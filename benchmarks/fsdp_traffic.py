@@ -168,6 +168,7 @@ def main(argv=None):
     rows, param_bytes = measure(config, args.rank, args.seq_len, methods)
     every = [None] * world
     dist.all_gather_object(every, rows)
+    dist.barrier()  # every rank done with its last collective before any closes its connections
     dist.destroy_process_group()
     if me != 0:
         return rows

@@ -96,6 +96,7 @@ def main(out_dir):
             results[name] = run_case(name, world, rank)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()  # every rank done with its last collective before any closes its connections
     dist.destroy_process_group()
 
 

@@ -155,6 +155,7 @@ def main(out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(dict(world=world, results=results), f, indent=1)
+    dist.barrier()  # every rank done with its last collective before any closes its connections
     dist.destroy_process_group()
 
 

@@ -3,13 +3,11 @@ smallest weight) against one process on the same global batch: 20 steps spanning
 one torchrun launch (``fsdp_worker.py``); the tests read its results."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fsdp_worker import CASES
+from torchrun import launch
 
 HERE = Path(__file__).parent
 WORLDS = (2, 3, 4)
@@ -19,12 +17,7 @@ WORLDS = (2, 3, 4)
 def run(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"fsdp{world}") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    done = subprocess.run(
-        cmd + [str(HERE / "fsdp_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch(world, [HERE / "fsdp_worker.py", out])
     data = json.loads(out.read_text())
     assert data["world"] == world
     return data["results"]

@@ -9,11 +9,10 @@ never stopped. A one-process optimizer continues from the full state dict here."
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from torchrun import launch
 
 import lowrank_optim as lo
 
@@ -31,11 +30,7 @@ RELATIVE["sst"] = 1e-5
 
 
 def _launch(world: int, out, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-    cmd += [os.path.join(REPO, "tests", "fsdp_checkpoint_worker.py"), "--out", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+    launch(world, [os.path.join(REPO, "tests", "fsdp_checkpoint_worker.py"), "--out", out, *args])
 
 
 @pytest.fixture(scope="module")

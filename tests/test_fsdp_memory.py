@@ -6,12 +6,11 @@ ranks with no rows (6 rows over 4 ranks, a rank-4 subspace over 3). One torchrun
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from fsdp_memory_worker import CASES
+from torchrun import launch
 
 import lowrank_optim as lo
 
@@ -26,10 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def ranks(request, tmp_path_factory):
     """Each rank's results (``fsdp_memory_worker.py``) from one launch of ``request.param`` ranks."""
     world, out = request.param, tmp_path_factory.mktemp(f"fsdp_memory_{request.param}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", WORKER, str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    launch(world, [WORKER, out])
     results = []
     for r in range(world):
         with open(out / f"rank{r}.json") as f:

@@ -5,11 +5,10 @@ here."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch.distributed as dist
+from torchrun import launch
 
 pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -28,11 +27,7 @@ SHAPES = [(41, 24), (13, 41), (5, 13)]  # the worker's matrices: 41 x 24 project
 
 def _launch(world, sections, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"fsdp_world{world}") / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-    cmd += [WORKER, str(out), *sections]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    launch(world, [WORKER, out, *sections])
     with open(out) as f:
         return json.load(f)
 

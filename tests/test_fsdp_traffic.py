@@ -6,11 +6,10 @@ each gradient and broadcasts each new basis from its owner; a random basis is dr
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from torchrun import launch
 
 pytest.importorskip("transformers")
 
@@ -21,13 +20,9 @@ RANK = 8
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_traffic")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
-    cmd += ["benchmarks.fsdp_traffic", "--model", "llama_micro", "--rank", str(RANK), "--seq-len", "8"]
-    cmd += ["--methods", "GaLore (svd),GaLore random,AdamW"]
-    cmd += ["--output", str(out / "t.md"), "--json", str(out / "t.json")]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    args = ["-m", "benchmarks.fsdp_traffic", "--model", "llama_micro", "--rank", RANK, "--seq-len", 8]
+    args += ["--methods", "GaLore (svd),GaLore random,AdamW", "--output", out / "t.md", "--json", out / "t.json"]
+    launch(2, args)
     with open(out / "t.json") as f:
         data = json.load(f)
     assert data["world"] == 2 and data["same_on_every_rank"]

@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from torchrun import launch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -102,11 +101,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     corpus = make_corpus(str(root / "corpus"))
     single = main(argv(corpus, root / "single"))  # also trains the tokenizer the ranks then read from the cache
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "benchmarks.pretrain", *argv(corpus, root / "fsdp", "--fsdp")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch(2, ["-m", "benchmarks.pretrain", *argv(corpus, root / "fsdp", "--fsdp")], timeout=300)
     return dict(root=root, corpus=corpus, single=single, summary=json.load(open(root / "fsdp" / "summary.json")))
 
 
