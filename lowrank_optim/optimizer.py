@@ -420,8 +420,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         routes = list(dict.fromkeys(it.group["route"] for it in low))
         for route_name in routes:
             ROUTES[route_name].prepare(self, [it for it in low if it.group["route"] == route_name])
-        flags = [found] + [_tensor_flag(it.R) for it in low if it.R is not None]
-        found = torch.stack([f.to(found.device) for f in flags]).amax() if len(flags) > 1 else found
+        projected = [it.R for it in low if it.R is not None]
+        if projected:
+            found = torch.maximum(found, _grad_flag(projected, found.device))
         if ranks:
             found = sharding.max_over(found.clone(), ranks)
         if host and self._skip_on_host(found, items, stage="projected gradient"):
@@ -556,15 +557,11 @@ def _grad_flag(grads: List[torch.Tensor], first: torch.device) -> torch.Tensor:
     flags = []
     for dev, gs in by_dev.items():
         if dev.type == "cpu":
-            peaks = [torch.maximum(lo.abs(), hi.abs()).float() for lo, hi in (torch.aminmax(g) for g in gs)]
+            peaks = torch.stack([end.float() for g in gs for end in torch.aminmax(g)]).abs()
         else:
-            peaks = [n.float() for n in torch._foreach_norm(gs, float("inf"))]
-        flags.append((~(torch.stack(peaks) < OVERFLOW)).any().float())  # NaN compares False: flagged
+            peaks = torch.stack([n.float() for n in torch._foreach_norm(gs, float("inf"))])
+        flags.append((~(peaks < OVERFLOW)).any().float())  # NaN compares False: flagged
     return flags[0] if len(flags) == 1 else torch.stack([f.to(first) for f in flags]).amax()
-
-
-def _tensor_flag(x: torch.Tensor) -> torch.Tensor:
-    return (~(x.abs().amax() < OVERFLOW)).float() if x.numel() else torch.zeros((), device=x.device)
 
 
 def _by_device(items: List[_Item]) -> Dict[torch.device, List[_Item]]:

@@ -68,19 +68,37 @@ def channel_ratio(d: Direction, R: torch.Tensor, proj) -> torch.Tensor:
     return (n_norm / (R.norm(dim=dim) + 1e-8)).unsqueeze(dim)
 
 
+def _squared_norms(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """Squared norms along ``dim`` (kept; all of x for None). Across rows (dim 0) squaring first is several times
+    faster than torch's strided norm; along a row the norm reads x once."""
+    if dim is None:
+        return x.square().sum().reshape([1] * x.dim())
+    if dim == 0:
+        return x.square().sum(0, keepdim=True)
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=True).square()
+
+
 def limit_growth(
     S: torch.Tensor, state: Dict, key: str, gamma: float, floor: float, keep: torch.Tensor, proj=None
 ) -> None:
     """Norm-growth limiter ``||S_t|| <= gamma ||S_{t-1}||`` (in place). The stored norm is the post-limit one, -1
     before the first kept step, and unchanged by a skipped step. All tensor ops: no host sync."""
-    norm = total_norm(S, proj)
+    limiter = growth_limiter(total_norm(S, proj), state, key, gamma, floor, keep)
+    S.div_(limiter)
+
+
+def growth_limiter(
+    norm: torch.Tensor, state: Dict, key: str, gamma: float, floor: float, keep: torch.Tensor
+) -> torch.Tensor:
+    """The divisor that brings a residual of norm ``norm`` within ``gamma`` times the previous one (see
+    ``limit_growth``), storing the limited norm under ``key`` when the step is kept."""
     prev = state.get(key)
     if prev is None:
         prev = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
     base = prev.clamp(min=floor) if floor > 0 else prev  # a ~0 first norm could otherwise lock the residual at ~0
     limiter = torch.where(prev >= 0, (norm / (base + 1e-8)).clamp(min=gamma) / gamma, torch.ones_like(norm))
-    S.div_(limiter)
     state[key] = torch.where(keep.bool(), (norm / limiter).detach().reshape(()), prev)
+    return limiter
 
 
 class NoResidual:
@@ -119,6 +137,32 @@ class FiraResidual:
             S = outside(G, R, proj, state, coef=group["scale"], into=fast).mul_(phi)
         limit_growth(S, state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep, proj)
         return S
+
+    def factored(self, G, R, d, proj, state, group, keep):
+        """The same limited ``S`` as ``(T, t, L)`` with ``S = t * T + P L`` (``T = phi * G`` full-size, ``t`` a 0-dim
+        factor, ``L`` low-rank), so the caller adds it to W without projecting back a residual; or None where that
+        cannot be had exactly. Its norm comes from channel norms: ``||G_j - c P R_j||^2 = ||G_j||^2 - (2c - c^2)
+        ||R_j||^2`` for an orthonormal basis and ``R = P^T G``. Only for the reference residual at ``0 < c <= 0.5``,
+        where every channel keeps at least a quarter of ``||G_j||^2`` (no cancellation), and a whole gradient."""
+        c = group["scale"]
+        if group["fira_residual"] != "reference" or not 0 < c <= 0.5 or getattr(proj, "spread", None) is not None:
+            return None
+        if not proj.orthonormal(state):
+            return None
+        dim = norm_dim(proj.side)
+        r2 = _squared_norms(R, dim)
+        if d.col_norms is not None and dim is not None:
+            n = d.col_norms.unsqueeze(dim)
+        else:
+            n = _squared_norms(d.direction, dim).sqrt()
+        phi = n / (r2.sqrt() + 1e-8)  # channel_ratio, from the squared norms it needs here anyway
+        T = G * phi
+        outside2 = torch.linalg.vector_norm(T).square() - (2 * c - c * c) * (phi.square() * r2).sum()
+        limiter = growth_limiter(
+            outside2.clamp_min(0).sqrt(), state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep
+        )
+        t = 1 / limiter
+        return T, t, R * (phi * (-c * t))
 
     def state_layout(self, group) -> list:
         return [state_tensor((), torch.float32)]  # the limiter's previous norm, a 0-dim fp32 tensor

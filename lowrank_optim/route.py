@@ -153,11 +153,16 @@ class LowRankRoute:
     def _apply(it: "_Item", keep: torch.Tensor, host: bool) -> None:
         group, state, proj, d = it.group, it.state, it.proj, it.d
         rule = RESIDUAL_RULES[group["residual"]]
+        if host and d is not None and rule.joins == "update" and _into_ok(it) and hasattr(rule, "factored"):
+            factored = rule.factored(it.G, it.R, d, proj, state, group, keep)
+            if factored is not None:  # the residual joins W as a per-channel multiple of G plus a low-rank term
+                _apply_into(it, d, None, rule.joins, keep, host, factored)
+                return
         extra = rule(it.G, it.R, d, proj, state, group, keep)
-        if extra is not None and rule.joins != "separate":
+        if extra is not None and rule.joins != "separate" and not host:
             extra = where_keep(keep, extra)  # a skipped step's residual may hold NaN: it must add nothing
         if d is not None and rule.joins != "replace":
-            if _fused_apply(it, d, extra, rule.joins, keep, host) or _apply_into(it, d, extra, rule.joins, keep):
+            if _fused_apply(it, d, extra, rule.joins, keep, host) or _apply_into(it, d, extra, rule.joins, keep, host):
                 return
         if d is None:
             U, step, lr = None, None, group["lr"]
@@ -199,21 +204,35 @@ def _default_refresh_due(it: _Item) -> bool:
     return step % it.group["update_proj_gap"] == 0
 
 
-def _apply_into(it: _Item, d: Direction, extra, joins, keep: torch.Tensor) -> bool:
+def _into_ok(it: _Item) -> bool:
+    W = it.w
+    return it.group["fused"] is not False and W.dtype in (torch.float32, torch.float64) and W.is_contiguous()
+
+
+def _apply_into(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host: bool, factored=None) -> bool:
     """The low-rank update projected back straight into W: the bias-corrected step, the scale and the skip gate
     ride on the small direction, so W takes one GEMM (``addmm_``) instead of a full-size U to build, scale and add.
-    Equal to the reference order (project back, scale, step) up to rounding; ``fused=False`` keeps that order."""
-    W, group = it.w, it.group
-    if group["fused"] is False or W.dtype not in (torch.float32, torch.float64) or not W.is_contiguous():
+    Equal to the reference order (project back, scale, step) up to rounding; ``fused=False`` keeps that order.
+    ``factored`` = ``(T, t, L)``: a residual ``t * T + P L`` that takes the same step (``FiraResidual.factored``),
+    its low-rank part riding on the same GEMM (host-checked steps only: G is finite)."""
+    if not _into_ok(it):
         return False
+    W, group = it.w, it.group
     flat = W.view(it.G.shape)
     decay(flat, group, d.decay_lr, keep)
     coef = d.step.to(flat.dtype) * keep.to(flat.dtype)
-    it.proj.add_back(it.state, d.direction * (coef * -group["scale"]), flat)
-    if extra is not None and joins == "update":  # Fira's residual takes the same step (gated by the caller)
+    low = d.direction * (coef * -group["scale"])
+    if factored is not None:
+        T, t, L = factored
+        low.addcmul_(L, -coef)
+    it.proj.add_back(it.state, low, flat)
+    if factored is not None:
+        flat.addcmul_(T, t.to(flat.dtype) * -coef)
+    elif extra is not None and joins == "update":  # Fira's residual takes the same step (gated by the caller)
         flat.addcmul_(extra, -coef)
     elif extra is not None:  # FRUGAL's takes its own plain lr; a skipped step's residual may hold NaN
-        flat.addcmul_(where_keep(keep, extra), -(_lr64(d.decay_lr, keep.device).to(flat.dtype) * keep.to(flat.dtype)))
+        lr = _lr64(d.decay_lr, keep.device).to(flat.dtype) * keep.to(flat.dtype)
+        flat.addcmul_(extra if host else where_keep(keep, extra), -lr)
     return True
 
 

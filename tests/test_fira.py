@@ -60,10 +60,11 @@ def test_parity_with_fira_package(proj_type):
 
 
 class Wrapped:
-    """A residual rule part with its call replaced (its declarations, options and joining mode kept)."""
+    """A residual rule part with its call (and its factored form, ``factored``) replaced; its declarations,
+    options and joining mode kept."""
 
-    def __init__(self, original, call):
-        self.original, self.call = original, call
+    def __init__(self, original, call, factored=None):
+        self.original, self.call, self._factored = original, call, factored
 
     def __getattr__(self, name):
         return getattr(self.original, name)
@@ -71,9 +72,13 @@ class Wrapped:
     def __call__(self, *args):
         return self.call(*args)
 
+    def factored(self, *args):
+        return (self._factored or self.original.factored)(*args)
+
 
 def capture_fira(monkeypatch):
-    """Wrap the residual rule to record (||S_t||, stored norm after the call)."""
+    """Wrap the residual rule to record (||S_t||, stored norm after the call), S formed from the factored
+    ``(T, t, L)`` where the engine takes that form."""
     records = []
     original = residual.RESIDUAL_RULES["fira"]
 
@@ -82,18 +87,30 @@ def capture_fira(monkeypatch):
         records.append((out.norm().item(), state["fira_prev_norm"].item()))
         return out
 
-    monkeypatch.setitem(residual.RESIDUAL_RULES, "fira", Wrapped(original, spy))
+    def spy_factored(G, R, d, proj, state, group, keep):
+        out = original.factored(G, R, d, proj, state, group, keep)
+        if out is not None:
+            T, t, L = out
+            records.append(((t * T + proj.project_back(state, L)).norm().item(), state["fira_prev_norm"].item()))
+        return out
+
+    monkeypatch.setitem(residual.RESIDUAL_RULES, "fira", Wrapped(original, spy, spy_factored))
     return records
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["factored", "formed"])
 @pytest.mark.parametrize("variant", ["reference", "paper"])
-def test_limiter_bounds_growth_and_stores_post_limit_norm(monkeypatch, variant):
+def test_limiter_bounds_growth_and_stores_post_limit_norm(monkeypatch, variant, fused):
     records = capture_fira(monkeypatch)
     gamma = 1.01
     # One weight; the loss is multiplied by 1.3 every step so the raw residual grows far faster than gamma.
     train(
         lambda ps: FiraAdamW(
-            [{"params": ps[:1], "rank": 4, "update_proj_gap": 5}], lr=1e-3, fira_gamma=gamma, fira_residual=variant
+            [{"params": ps[:1], "rank": 4, "update_proj_gap": 5}],
+            lr=1e-3,
+            fira_gamma=gamma,
+            fira_residual=variant,
+            fused=fused,
         ),
         30,
         growth=1.3,
@@ -170,18 +187,23 @@ def test_residual_rule_makes_no_host_sync(monkeypatch, variant, floor):
     original = residual.RESIDUAL_RULES["fira"]
     calls = []
 
-    def guarded(*args):
-        def boom(*a, **k):
-            raise AssertionError("host sync inside the Fira residual rule")
+    def guard(fn, form):
+        def guarded(*args):
+            def boom(*a, **k):
+                raise AssertionError("host sync inside the Fira residual rule")
 
-        with monkeypatch.context() as mp:
-            for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
-                mp.setattr(torch.Tensor, name, boom)
-            out = original(*args)
-        calls.append(1)
-        return out
+            with monkeypatch.context() as mp:
+                for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+                    mp.setattr(torch.Tensor, name, boom)
+                out = fn(*args)
+            if out is not None:
+                calls.append(form)
+            return out
 
-    monkeypatch.setitem(residual.RESIDUAL_RULES, "fira", Wrapped(original, guarded))
+        return guarded
+
+    guarded = Wrapped(original, guard(original, "formed"), guard(original.factored, "factored"))
+    monkeypatch.setitem(residual.RESIDUAL_RULES, "fira", guarded)
     train(
         lambda ps: FiraAdamW(
             [{"params": ps, "rank": 4, "update_proj_gap": 2}], lr=1e-3, fira_residual=variant, fira_floor=floor
@@ -189,6 +211,7 @@ def test_residual_rule_makes_no_host_sync(monkeypatch, variant, floor):
         3,
     )
     assert len(calls) == 9  # 3 weights x 3 steps, with the limiter and a refresh in between
+    assert set(calls) == {"factored" if variant == "reference" else "formed"}  # the default scale 0.25 factors
 
 
 def test_alpha_alias_and_conflicts():
@@ -202,3 +225,84 @@ def test_alpha_alias_and_conflicts():
         FiraAdamW([w], rank=4, alpha=0.5, scale=0.25)
     with pytest.raises(ValueError, match="fira_residual"):
         FiraAdamW([{"params": [w], "rank": 4}], fira_residual="bogus")
+
+
+FACTORED_PROJECTORS = [
+    dict(projector="svd"),
+    dict(projector="rsvd"),
+    dict(projector="power"),
+    dict(projector="random"),
+    dict(projector="dct"),
+    dict(projector="columns"),
+]
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=["right", "left"])
+@pytest.mark.parametrize("kw", FACTORED_PROJECTORS, ids=lambda kw: kw["projector"])
+def test_factored_residual_equals_the_formed_one(kw, shape):
+    """Fira's factored residual ``t * (phi * G) + P L`` and the limiter's stored norm equal the residual formed in full,
+    step after step (the first call sets the limiter's norm, later ones are limited), for every projector that
+    declares an orthonormal basis, on both sides."""
+    gen = torch.Generator().manual_seed(3)
+    opts = {}
+    for fused in (None, False):
+        w = torch.nn.Parameter(torch.zeros(shape))
+        opts[fused] = (w, FiraAdamW([{"params": [w], "rank": 5, "update_proj_gap": 3, **kw}], lr=1e-3, fused=fused))
+    rule = residual.RESIDUAL_RULES["fira"]
+    for step in range(5):
+        g = torch.randn(shape, generator=gen) * (1 + step)
+        for w, _ in opts.values():
+            w.grad = g.clone()
+        formed = {}
+        for fused, (w, opt) in opts.items():
+            seen = {}
+
+            def spy(G, R, d, proj, state, group, keep, fused=fused, seen=seen):
+                if fused is None:
+                    assert proj.orthonormal(state)
+                    P = proj.basis(state, proj.side)
+                    torch.testing.assert_close(P.t() @ P, torch.eye(P.shape[1]), atol=1e-5, rtol=0)
+                    T, t, L = rule.factored(G, R, d, proj, state, group, keep)
+                    seen["S"] = t * T + proj.project_back(state, L)
+                    return T, t, L
+                seen["S"] = rule(G, R, d, proj, state, group, keep)
+                return seen["S"]
+
+            with pytest.MonkeyPatch.context() as mp:
+                wrapped = Wrapped(rule, spy, spy if fused is None else (lambda *a: None))
+                mp.setitem(residual.RESIDUAL_RULES, "fira", wrapped)
+                opt.step()
+            formed[fused] = (seen["S"], opt.state[w]["fira_prev_norm"])
+        torch.testing.assert_close(formed[None][0], formed[False][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(formed[None][1], formed[False][1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(opts[None][0], opts[False][0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(alpha=0.75),  # 2c - c^2 near 1: the channel-norm difference could cancel
+        dict(alpha=1.0),
+        dict(fira_residual="paper"),  # G - P P^T G: cancels where G lies near the subspace
+        dict(basis_bits=8),  # a quantized basis is orthonormal only to ~1e-2
+        dict(projector="random", random_style="apollo"),  # a scaled Gaussian, not orthonormal
+    ],
+    ids=["alpha0.75", "alpha1", "paper", "basis8", "apollo_random"],
+)
+def test_factored_residual_declines_where_its_norm_would_not_be_exact(extra):
+    w = torch.nn.Parameter(torch.zeros(40, 24))
+    opt = FiraAdamW([{"params": [w], "rank": 5, **extra}], lr=1e-3)
+    declined = []
+    rule = residual.RESIDUAL_RULES["fira"]
+
+    def factored(*args):
+        out = rule.factored(*args)
+        declined.append(out is None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(residual.RESIDUAL_RULES, "fira", Wrapped(rule, rule, factored))
+        w.grad = torch.randn(40, 24)
+        opt.step()
+    assert declined == [True]
+    assert torch.isfinite(w).all() and w.abs().sum() > 0

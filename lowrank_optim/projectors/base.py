@@ -91,6 +91,11 @@ class Projector:
         raise NotImplementedError
 
     # --- shared behaviour ---------------------------------------------------------------------------------------
+    def orthonormal(self, state: Dict) -> bool:
+        """Whether the basis in ``state`` has orthonormal columns to working precision (``P^T P = I``), so that
+        norms outside the subspace follow from norms inside it. False unless a projector knows it."""
+        return False
+
     def covers(self, state: Dict) -> bool:
         """Whether the subspace is the whole space (the update is then full-rank, e.g. an active FRUGAL block)."""
         return False

@@ -48,6 +48,9 @@ class ColumnsProjector(Projector):
         rows, columns = spread.scores(self.shape[0], row_norms, squares)
         return self.top_indices(state, {"left": rows, "right": None if columns is None else columns.sqrt()})
 
+    def orthonormal(self, state):
+        return True  # distinct columns of the identity
+
     def indices(self, state, which):
         return state[f"proj_{which}_idx"]
 

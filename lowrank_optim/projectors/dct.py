@@ -166,6 +166,9 @@ class DCTProjector(Projector):
         )
         return done is not None
 
+    def orthonormal(self, state):
+        return True  # rows of the orthonormal DCT-II matrix
+
     def indices(self, state, which):
         return state[f"proj_{which}_idx"]
 

@@ -101,6 +101,9 @@ class RandomProjector(Projector):
     def state_layout(self):
         return []  # only the refresh counter, a number
 
+    def orthonormal(self, state):
+        return self.random_style == "orthonormal"
+
     def basis(self, state, which):
         count = int(state.get("proj_refreshes", 0))
         entry = self._cache.setdefault(count, {})

@@ -71,6 +71,9 @@ class SVDProjector(Projector):
             new.update(encode_basis("proj_" + which, b.contiguous(), self.basis_bits))
         return new
 
+    def orthonormal(self, state):
+        return all("proj_" + which in state for which, _ in self.projected_dims())  # fp32: not quantized
+
     def basis(self, state, which):
         size = self.shape[0] if which == "left" else self.shape[1]
         return decode_basis(state, "proj_" + which, (size, self.basis_width()))
