@@ -96,7 +96,7 @@ def growth_limiter(
     if prev is None:
         prev = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
     base = prev.clamp(min=floor) if floor > 0 else prev  # a ~0 first norm could otherwise lock the residual at ~0
-    limiter = torch.where(prev >= 0, (norm / (base + 1e-8)).clamp(min=gamma) / gamma, torch.ones_like(norm))
+    limiter = torch.where(prev >= 0, (norm / (base + 1e-8)).clamp(min=gamma), gamma) / gamma
     state[key] = torch.where(keep.bool(), (norm / limiter).detach().reshape(()), prev)
     return limiter
 
@@ -139,11 +139,12 @@ class FiraResidual:
         return S
 
     def factored(self, G, R, d, proj, state, group, keep):
-        """The same limited ``S`` as ``(T, t, L)`` with ``S = t * T + P L`` (``T = phi * G`` full-size, ``t`` a 0-dim
-        factor, ``L`` low-rank), so the caller adds it to W without projecting back a residual; or None where that
-        cannot be had exactly. Its norm comes from channel norms: ``||G_j - c P R_j||^2 = ||G_j||^2 - (2c - c^2)
-        ||R_j||^2`` for an orthonormal basis and ``R = P^T G``. Only for the reference residual at ``0 < c <= 0.5``,
-        where every channel keeps at least a quarter of ``||G_j||^2`` (no cancellation), and a whole gradient."""
+        """The same limited ``S`` as ``(T, t, L)`` with ``S = t * T + P L`` (``T`` full-size: G, or ``phi * G``;
+        ``t`` a factor broadcast over it; ``L`` low-rank), so the caller adds it to W without projecting back a
+        residual; or None where that cannot be had exactly. Its norm comes from channel norms, since
+        ``||G_j - c P R_j||^2 = ||G_j||^2 - (2c - c^2) ||R_j||^2`` for an orthonormal basis and ``R = P^T G``. Only
+        for the reference residual at ``0 < c <= 0.5``, where every channel keeps at least a quarter of
+        ``||G_j||^2`` (no cancellation), and for a whole gradient."""
         c = group["scale"]
         if group["fira_residual"] != "reference" or not 0 < c <= 0.5 or getattr(proj, "spread", None) is not None:
             return None
@@ -156,13 +157,17 @@ class FiraResidual:
         else:
             n = _squared_norms(d.direction, dim).sqrt()
         phi = n / (r2.sqrt() + 1e-8)  # channel_ratio, from the squared norms it needs here anyway
-        T = G * phi
-        outside2 = torch.linalg.vector_norm(T).square() - (2 * c - c * c) * (phi.square() * r2).sum()
+        if dim == 1:  # per row: G's row norms read G once, and W takes phi * G from G itself
+            T, inside2 = G, (phi.square() * _squared_norms(G, 1)).sum()
+        else:  # per column (or one ratio): forming phi * G is cheaper than G's strided column norms
+            T = G * phi
+            inside2 = torch.linalg.vector_norm(T).square()
+        outside2 = inside2 - (2 * c - c * c) * (phi.square() * r2).sum()
         limiter = growth_limiter(
             outside2.clamp_min(0).sqrt(), state, "fira_prev_norm", group["fira_gamma"], group["fira_floor"], keep
         )
-        t = 1 / limiter
-        return T, t, R * (phi * (-c * t))
+        t = (phi if dim == 1 else 1) / limiter
+        return T, t, R * (phi * (-c / limiter))
 
     def state_layout(self, group) -> list:
         return [state_tensor((), torch.float32)]  # the limiter's previous norm, a 0-dim fp32 tensor

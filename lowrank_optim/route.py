@@ -213,8 +213,8 @@ def _apply_into(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host:
     """The low-rank update projected back straight into W: the bias-corrected step, the scale and the skip gate
     ride on the small direction, so W takes one GEMM (``addmm_``) instead of a full-size U to build, scale and add.
     Equal to the reference order (project back, scale, step) up to rounding; ``fused=False`` keeps that order.
-    ``factored`` = ``(T, t, L)``: a residual ``t * T + P L`` that takes the same step (``FiraResidual.factored``),
-    its low-rank part riding on the same GEMM (host-checked steps only: G is finite)."""
+    ``factored`` = ``(T, t, L)``: a residual ``t * T + P L`` (``t`` broadcast over ``T``) that takes the same step
+    (``FiraResidual.factored``), its low-rank part riding on the same GEMM (host-checked steps only: G is finite)."""
     if not _into_ok(it):
         return False
     W, group = it.w, it.group
