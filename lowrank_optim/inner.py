@@ -150,9 +150,26 @@ def _fusable_moments(state: Dict, grad: torch.Tensor, group: Dict, eps_style: st
     return eps_style == "torch" or (known and not torch.compiler.is_compiling())
 
 
-def _fused_directions(states, grads, ts, factors, group, keep, eps_style, which, steps, out) -> None:
+def _zeros_like_all(grads: List[torch.Tensor], workspace: Optional[Dict]) -> List[torch.Tensor]:
+    """Zeros shaped like each of ``grads`` (one device and dtype): views of one buffer kept in ``workspace`` and
+    reused by the next call (memory already paged in), or fresh tensors without a workspace."""
+    if workspace is None or not all(g.is_contiguous() for g in grads):
+        return [torch.zeros_like(g) for g in grads]
+    need, key = sum(g.numel() for g in grads), (grads[0].device, grads[0].dtype)
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < need:
+        buf = workspace[key] = torch.empty(need, dtype=grads[0].dtype, device=grads[0].device)
+    flat = buf[:need].zero_()
+    offsets = [0]
+    for g in grads:
+        offsets.append(offsets[-1] + g.numel())
+    return [flat[a:b].view(g.shape) for a, b, g in zip(offsets, offsets[1:], grads)]
+
+
+def _fused_directions(states, grads, ts, factors, group, keep, eps_style, which, steps, out, workspace=None) -> None:
     """Adam's moments and direction ``m / (sqrt(v) + eps)`` through torch's fused AdamW kernel, run on a zero
-    "parameter" D at lr 1: the kernel leaves ``D = -factor * m / (sqrt(v) + eps)`` (factor: the bias factor
+    "parameter" D (zeros, from ``workspace`` when given: the caller is done with the previous call's directions) at
+    lr 1: the kernel leaves ``D = -factor * m / (sqrt(v) + eps)`` (factor: the bias factor
     sqrt(1 - b2^t) / (1 - b1^t); galore-style eps enters the kernel as eps / sqrt(1 - b2^t)), so the direction is
     ``-D / factor``: one multi-threaded pass instead of seven list passes, equal up to rounding (``fused=False``
     keeps the list path, bit for bit). A skipped step (``keep`` 0) changes no moment, as in torch's GradScaler path.
@@ -160,11 +177,16 @@ def _fused_directions(states, grads, ts, factors, group, keep, eps_style, which,
     beta1, beta2 = group["betas"]
     found = None if keep is None else (1.0 - keep).to(torch.float32)
     buckets: Dict[tuple, List[int]] = {}
+    kinds: Dict[tuple, List[int]] = {}
     for i in which:
         eps = group["eps"] if eps_style == "torch" else group["eps"] / math.sqrt(1 - beta2 ** float(ts[i]))
         buckets.setdefault((grads[i].device, grads[i].dtype, eps), []).append(i)
+        kinds.setdefault((grads[i].device, grads[i].dtype), []).append(i)
+    zeros = {}  # one workspace buffer per device and dtype, whatever the eps buckets
+    for idx in kinds.values():
+        zeros.update(zip(idx, _zeros_like_all([grads[i] for i in idx], workspace)))
     for (device, dtype, eps), idx in buckets.items():
-        ds = [torch.zeros_like(grads[i]) for i in idx]
+        ds = [zeros[i] for i in idx]
         torch._fused_adamw_(
             ds,
             [grads[i] for i in idx],
@@ -233,6 +255,7 @@ class Adam:
         counter: str = "moment_step",
         col_norm_dims: Optional[List[Optional[int]]] = None,
         params=None,
+        workspace: Optional[Dict] = None,
     ) -> List[Direction]:
         """One Adam update of every state in ``states`` (one group, one device), gated by ``keep``."""
         if not states:
@@ -258,7 +281,7 @@ class Adam:
         plain = [i for i, st in enumerate(states) if not Moment.is_quantized(st, "exp_avg")]
         fast = [i for i in plain if _fusable_moments(states[i], grads[i], group, eps_style, known)]
         if fast:
-            _fused_directions(states, grads, ts, factors, group, keep, eps_style, fast, steps, out)
+            _fused_directions(states, grads, ts, factors, group, keep, eps_style, fast, steps, out, workspace)
             plain = [i for i in plain if out[i] is None]
         if plain:
             compute = grads[plain[0]].dtype
@@ -403,6 +426,7 @@ class Adafactor:
         counter: str = "moment_step",
         col_norm_dims: Optional[List[Optional[int]]] = None,
         params=None,
+        workspace: Optional[Dict] = None,
     ) -> List[Direction]:
         # needs_host: the engine reads the non-finite flag before calling, so ``keep`` is 1 here
         dims = col_norm_dims or [None] * len(states)

@@ -130,23 +130,29 @@ class LowRankRoute:
                 continue
             style = it.group.get("eps_style") or ("torch" if it.proj.covers(it.state) else "galore")
             buckets.setdefault((it.gi, it.R.device, it.R.dtype, style), []).append(it)
-        for (_, dev, _, style), its in buckets.items():
-            group = its[0].group
+        workspace: Dict = {}  # scratch the inner rule may reuse from one chunk to the next, freed with the step
+        for (_, dev, _, style), bucket in buckets.items():
+            group = bucket[0].group
             rule = RESIDUAL_RULES[group["residual"]]
-            dims = [norm_dim(it.proj.side) for it in its] if getattr(rule, "uses_channel_norms", False) else None
-            dirs = INNER_RULES[group["inner"]].step(
-                [it.state for it in its],
-                [_rows_to_step(it) for it in its],
-                group,
-                None if opt._host_step else keep_on(dev),  # a host-checked step needs no gating
-                eps_style=style,
-                col_norm_dims=dims,
-                params=[it.w for it in its],
-            )
-            for it, d in zip(its, dirs):
-                it.d = _whole_direction(it, d)
+            for its in _chunks(bucket):  # each chunk's directions are applied before the next chunk's are made
+                dims = [norm_dim(it.proj.side) for it in its] if getattr(rule, "uses_channel_norms", False) else None
+                dirs = INNER_RULES[group["inner"]].step(
+                    [it.state for it in its],
+                    [_rows_to_step(it) for it in its],
+                    group,
+                    None if opt._host_step else keep_on(dev),  # a host-checked step needs no gating
+                    eps_style=style,
+                    col_norm_dims=dims,
+                    params=[it.w for it in its],
+                    workspace=workspace,
+                )
+                for it, d in zip(its, dirs):
+                    it.d = _whole_direction(it, d)
+                    self._apply(it, keep_on(it.w.device), opt._host_step)
+                    it.d = None
         for it in items:
-            self._apply(it, keep_on(it.w.device), opt._host_step)
+            if it.R is None:
+                self._apply(it, keep_on(it.w.device), opt._host_step)
             it.state["step"] = it.state.get("step", 0) + 1
 
     @staticmethod
@@ -191,6 +197,26 @@ class LowRankRoute:
 
 
 register_route(LowRankRoute())
+
+
+# Parameters whose moments step together before their directions join W: the directions of one chunk live in a
+# scratch the next chunk reuses (already paged in and warm in cache), instead of new memory for every parameter.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(items: List[_Item]):
+    """Consecutive runs of ``items`` of at most ``CHUNK_ELEMENTS`` weight elements (one item at least), counted on
+    the whole parameter so that every rank of a sharded model cuts the same chunks."""
+    run, size = [], 0
+    for it in items:
+        n = it.p.numel()
+        if run and size + n > CHUNK_ELEMENTS:
+            yield run
+            run, size = [], 0
+        run.append(it)
+        size += n
+    if run:
+        yield run
 
 
 def _default_refresh_due(it: _Item) -> bool:
