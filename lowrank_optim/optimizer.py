@@ -50,7 +50,7 @@ from .route import LowRankRoute, _compute_dtype, _default_refresh_due, _grad, _I
 from .shapes import density_rank, matrix_shape, projected_dim, side_for
 from .state_layout import StateTensor, check_world, rank_bytes
 
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip", "raise", "off")
 # |g| at or above this overflows g * g in fp32: such a gradient would write inf into Adam's second moment.
 OVERFLOW = math.sqrt(torch.finfo(torch.float32).max)
 
@@ -64,7 +64,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         params: parameters or param groups; a group with ``rank`` (or ``density``) is trained low-rank.
         nonfinite: ``"skip"`` (default): a step with any non-finite or overflowing gradient (|g| >= 1.8e19, whose
             square overflows fp32) changes nothing and is counted in ``skipped_steps``; ``"raise"`` raises
-            ``FloatingPointError`` naming the parameter (reads the device every step).
+            ``FloatingPointError`` naming the parameter (reads the device every step); ``"off"``: no check, as in
+            ``torch.optim`` (a non-finite gradient reaches the weights and the state), for loops that check already
+            (``torch.amp.GradScaler`` skips such steps itself) and do not want the check's read of every gradient.
         **defaults: group defaults: the engine's options (``ENGINE_OPTIONS``) and those of the parts they select.
     """
 
@@ -410,8 +412,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _run(self, items: List[_Item]) -> None:
         host = self._host_step = self._host_reads(items)
-        ranks = sharding.flag_groups([it.spread for it in items if it.spread is not None])
-        found = _grad_flag([it.g for it in items], items[0].w.device)
+        check = self.nonfinite != "off"
+        ranks = sharding.flag_groups([it.spread for it in items if it.spread is not None]) if check else []
+        found = _grad_flag([it.g for it in items] if check else [], items[0].w.device)
         if host and ranks:
             sharding.max_over(found, ranks)  # every rank skips together
         if host and self._skip_on_host(found, items, stage="gradient"):
@@ -420,7 +423,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         routes = list(dict.fromkeys(it.group["route"] for it in low))
         for route_name in routes:
             ROUTES[route_name].prepare(self, [it for it in low if it.group["route"] == route_name])
-        projected = [it.R for it in low if it.R is not None]
+        projected = [it.R for it in low if it.R is not None and check]
         if projected:
             found = torch.maximum(found, _grad_flag(projected, found.device))
         if ranks:
@@ -443,7 +446,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for it in items:
             if it.p not in self.state:
                 self.state[it.p] = it.state
-        if not host:
+        if not host and check:
             self._pending.append(_host_copy(found))
 
     def _skip_on_host(self, found: torch.Tensor, items: List[_Item], stage: str) -> bool:

@@ -116,6 +116,35 @@ def test_chunked_moments_reuse_scratch_and_change_no_bit(monkeypatch, make):
             assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
 
 
+def test_nonfinite_off_reads_no_gradient_twice_and_steps_as_torch(monkeypatch):
+    """``nonfinite="off"``: no flag reduction over the gradients or the projected gradients (the read a loop that
+    checks already, as GradScaler does, pays twice), the same steps as the default on finite gradients, and, as in
+    torch.optim, a NaN gradient reaches the weights."""
+    reductions = []
+    for name in ("aminmax", "_foreach_norm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, name=name, **k: reductions.append(name) or real(*a, **k))
+    runs = {}
+    for policy in ("skip", "off"):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = lo.GaLoreAdamW(lowrank_groups_for(model, update_proj_gap=3), lr=1e-2, nonfinite=policy)
+        reductions.clear()
+        train(model, opt, batches(5))
+        runs[policy] = ([p.detach().clone() for p in model.parameters()], list(reductions))
+    assert runs["skip"][1] and not runs["off"][1]
+    for a, b in zip(runs["skip"][0], runs["off"][0]):
+        assert torch.equal(a, b)
+    dense = _dense_params()
+    opt = lo.LowRankOptimizer(dense, lr=1e-2, nonfinite="off")
+    for p in dense:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert all(torch.isnan(p).all() for p in dense) and opt.skipped_steps == 0
+    with pytest.raises(ValueError, match="'off'"):
+        lo.LowRankOptimizer(dense, nonfinite="never")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30, 3e38])
 def test_overflowing_gradient_skips_between_refreshes_without_touching_anything(bad):
     torch.manual_seed(0)

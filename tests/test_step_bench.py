@@ -164,7 +164,7 @@ def test_whole_model_interleaved_with_peers_and_floor(tmp_path):
             continue
         assert r["rounds"] == 1 + 2 + 1 and r["step_ms"] > 0 and r["state_bytes"] > 0  # interleaved rounds
         assert math.isclose(r["vs_floor"], r["amortised_ms"] / r["floor_ms"])
-        if name in ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense"):
+        if name in ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense", "ours_dense_unchecked"):
             assert r["amortised_ms"] == r["step_ms"] and r["floor_ms"] == rows["adamw_fused"]["step_ms"]
         else:
             assert r["amortised_ms"] == pytest.approx((49 * r["step_ms"] + r["refresh_step_ms"]) / 50)
@@ -177,6 +177,7 @@ def test_whole_model_interleaved_with_peers_and_floor(tmp_path):
         ("fira", "ref_fira"),
         ("galore_8bit", "bnb_adamw8bit"),
         ("ours_dense", "adamw_fused"),
+        ("ours_dense_unchecked", "adamw_fused"),
     }
     p = pairs[("ours_dense", "adamw_fused")]
     assert math.isclose(p["step_ratio"], rows["ours_dense"]["step_ms"] / rows["adamw_fused"]["step_ms"])

@@ -48,6 +48,7 @@ LABELS = {
     "apollo": "ours APOLLOAdamW",
     "apollo_mini": "ours APOLLOMiniAdamW (rank 1)",
     "ours_dense": "ours, dense group only",
+    "ours_dense_unchecked": "ours, dense group only, nonfinite='off'",
 }
 
 
@@ -82,10 +83,11 @@ def build(method, dense, low, args, gap):
         return FiraAdamW(
             _groups(dense, low, dict(keys, alpha=0.25, proj_type="std")), lr=lr, no_deprecation_warning=True
         )
-    if method == "ours_dense":  # our engine (registry row "adamw") with one plain group: its dense AdamW path
+    if method in ("ours_dense", "ours_dense_unchecked"):  # our engine with one plain group: its dense AdamW path
         from lowrank_optim import LowRankOptimizer
 
-        return LowRankOptimizer([{"params": dense + low}], lr=lr)
+        # unchecked: no read of every gradient for the all-or-nothing non-finite check (torch's AdamW makes none)
+        return LowRankOptimizer([{"params": dense + low}], lr=lr, nonfinite="off" if "unchecked" in method else "skip")
     module, cls_name, extra = OURS[method]
     cls = getattr(importlib.import_module(module), cls_name)
     keys.update(extra)
@@ -102,7 +104,7 @@ def state_bytes(opt):
 
 
 def lowrank_method(method):
-    return method not in ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense")
+    return method not in ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense", "ours_dense_unchecked")
 
 
 def measure(bench, method, args):

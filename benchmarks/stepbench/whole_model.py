@@ -43,6 +43,7 @@ METHODS = [
     "apollo",
     "apollo_mini",
     "ours_dense",
+    "ours_dense_unchecked",
 ]
 # (ours, the peer it is compared with in the same run)
 PAIRS = [
@@ -50,8 +51,9 @@ PAIRS = [
     ("fira", "ref_fira"),
     ("galore_8bit", "bnb_adamw8bit"),
     ("ours_dense", "adamw_fused"),
+    ("ours_dense_unchecked", "adamw_fused"),
 ]
-DENSE_ONLY = ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense")
+DENSE_ONLY = ("adamw_foreach", "adamw_fused", "bnb_adamw8bit", "ours_dense", "ours_dense_unchecked")
 
 
 def _skip(row, err):
