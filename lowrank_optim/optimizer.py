@@ -265,13 +265,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return cached[1]
 
     def _param_index(self, p: torch.Tensor, group: Dict) -> Tuple[int, Tuple[int, int]]:
-        index = 0
-        for g in self.param_groups:
-            for j, q in enumerate(g["params"]):
-                if q is p:
-                    return index, (j, len(g["params"]))
-                index += 1
-        raise KeyError("parameter not in optimizer")
+        """(index among all parameters, (position in its group, group size)); a map rebuilt whenever the groups
+        no longer hold ``p`` where it says (a group added, a list edited), instead of a scan per call."""
+        sizes = tuple(len(g["params"]) for g in self.param_groups)
+        cached_sizes, where = getattr(self, "_index_map", ((), {}))
+        hit = where.get(id(p)) if cached_sizes == sizes else None
+        if hit is None or self.param_groups[hit[0]]["params"][hit[2][0]] is not p:
+            where, index = {}, 0
+            for gi, g in enumerate(self.param_groups):
+                for j, q in enumerate(g["params"]):
+                    where[id(q)] = (gi, index, (j, len(g["params"])))
+                    index += 1
+            self._index_map = (sizes, where)
+            hit = where.get(id(p))
+            if hit is None or self.param_groups[hit[0]]["params"][hit[2][0]] is not p:
+                raise KeyError("parameter not in optimizer")
+        return hit[1], hit[2]
 
     # ------------------------------------------------------------------ state
     @property

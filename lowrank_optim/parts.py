@@ -5,6 +5,7 @@ the engine's plus those of the parts it selects, and its defaults are theirs (``
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -128,6 +129,7 @@ def _parts_of(group: Dict) -> List[Tuple[str, Any]]:
     ]
 
 
+@functools.lru_cache(maxsize=None)
 def part_options(part) -> Tuple[Option, ...]:
     opts = getattr(part, "options", ())
     if isinstance(opts, dict):  # projectors: {name: (default, check returning a bool, doc)}
