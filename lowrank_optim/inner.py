@@ -29,6 +29,7 @@ class Direction(NamedTuple):
     decay_lr: object  # learning rate used for decoupled weight decay (float or 0-dim tensor)
     bias_factor: torch.Tensor  # 0-dim fp32: Adam's sqrt(1 - b2^t) / (1 - b1^t); 1 for rules without it
     col_norms: Optional[torch.Tensor] = None  # norms of ``direction`` along a requested dim (Fira), if fused
+    scratch: bool = False  # ``direction`` is this step's own memory: its consumer may overwrite it
 
 
 def where_keep(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,7 @@ def _fused_directions(states, grads, ts, factors, group, keep, eps_style, which,
         )
         torch._foreach_mul_(ds, [(-1.0 / factors[i]).to(dtype) for i in idx])
         for i, d in zip(idx, ds):
-            out[i] = Direction(d, steps[i].to(dtype), group["lr"], factors[i].to(dtype))
+            out[i] = Direction(d, steps[i].to(dtype), group["lr"], factors[i].to(dtype), scratch=True)
 
 
 class Adam:

@@ -247,7 +247,7 @@ def _apply_into(it: _Item, d: Direction, extra, joins, keep: torch.Tensor, host:
     flat = W.view(it.G.shape)
     decay(flat, group, d.decay_lr, keep)
     coef = d.step.to(flat.dtype) * keep.to(flat.dtype)
-    low = d.direction * (coef * -group["scale"])
+    low = d.direction.mul_(coef * -group["scale"]) if d.scratch else d.direction * (coef * -group["scale"])
     if factored is not None:
         T, t, L = factored
         low.addcmul_(L, -coef)
