@@ -8,9 +8,10 @@ state), the next `rounds` rounds are plain steps (their median is "step ms"), an
 refresh step of the low-rank optimizers (built with update_proj_gap = warmup + rounds). "amortised ms" =
 ((gap - 1) * step + refresh step) / gap at --update-proj-gap.
 
-Floor: per low-rank weight (m x n, rank r) the two projection matmuls, 4*m*n*r flops, at the GFLOP/s measured for
-a matmul of that weight's shape on this device, plus every dense element at the per-element speed of torch's
-fused AdamW in this run. The low-rank weights' own elementwise update is not counted, so this is a lower bound.
+Floor: per low-rank weight (m x n, rank r) the two projection matmuls, 4*m*n*r flops, at the GFLOP/s of the
+fastest of 9 runs of a matmul of that weight's shape on this device, plus every dense element at the per-element
+speed of torch's fused AdamW in this run. The low-rank weights' own elementwise update is not counted, so this is
+a lower bound.
 Dense-only optimizers' floor is fused AdamW's own time.
 """
 
@@ -133,7 +134,7 @@ def whole_model_rows(bench, args):
         else:
             row["amortised_ms"] = row["step_ms"]
     fused = rows.get("adamw_fused", {}).get("step_ms")
-    timer = _cuda_ms if bench.device.type == "cuda" else (lambda fn: _wall_ms(fn, reps=5))
+    timer = _cuda_ms if bench.device.type == "cuda" else (lambda fn: _wall_ms(fn, reps=9, best=True))
     low_ms, dense_ms, gflops = floor_estimate(bench, args.rank, fused, timer)
     floor = {
         "lowrank_ms": low_ms,
@@ -217,7 +218,7 @@ def whole_model_markdown(result):
         "",
         "## Floor",
         "",
-        f"Low-rank floor = sum over low-rank weights of 4*m*n*r flops at the measured matmul GFLOP/s of that "
+        f"Low-rank floor = sum over low-rank weights of 4*m*n*r flops at the best measured matmul GFLOP/s of that "
         f"shape ({_fmt(f['lowrank_ms'])} ms) + the dense elements at fused AdamW's per-element speed "
         f"({_fmt(f['dense_ms'])} ms) = {_fmt(f['lowrank_total_ms'])} ms. Dense-only rows (torch AdamW, "
         f"bitsandbytes, ours dense) use fused AdamW's time ({_fmt(f['fused_adamw_ms'])} ms). The low-rank "
