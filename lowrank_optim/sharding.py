@@ -124,7 +124,8 @@ class Spread:
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """Frobenius norm of a tensor whose rows are spread over the mesh (one all-reduce of a number)."""
-        return self.sum_(x.float().square().sum()).sqrt().to(x.dtype)
+        local = torch.linalg.vector_norm(x, dtype=torch.float32)  # one read, no squared copy (0 for no rows)
+        return self.sum_(local.square()).sqrt().to(x.dtype)
 
     def owner(self, index: int) -> int:
         """The rank that computes parameter ``index``'s new basis (round-robin)."""
