@@ -237,17 +237,20 @@ FACTORED_PROJECTORS = [
 ]
 
 
-@pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=["right", "left"])
+@pytest.mark.parametrize(
+    "shape,proj_type", [((40, 24), "std"), ((24, 40), "std"), ((40, 24), "full")], ids=["right", "left", "full"]
+)
 @pytest.mark.parametrize("kw", FACTORED_PROJECTORS, ids=lambda kw: kw["projector"])
-def test_factored_residual_equals_the_formed_one(kw, shape):
+def test_factored_residual_equals_the_formed_one(kw, shape, proj_type):
     """Fira's factored residual ``t * (phi * G) + P L`` and the limiter's stored norm equal the residual formed in full,
     step after step (the first call sets the limiter's norm, later ones are limited), for every projector that
-    declares an orthonormal basis, on both sides."""
+    declares an orthonormal basis, on either side and on both."""
     gen = torch.Generator().manual_seed(3)
     opts = {}
     for fused in (None, False):
         w = torch.nn.Parameter(torch.zeros(shape))
-        opts[fused] = (w, FiraAdamW([{"params": [w], "rank": 5, "update_proj_gap": 3, **kw}], lr=1e-3, fused=fused))
+        group = {"params": [w], "rank": 5, "update_proj_gap": 3, "proj_type": proj_type, **kw}
+        opts[fused] = (w, FiraAdamW([group], lr=1e-3, fused=fused))
     rule = residual.RESIDUAL_RULES["fira"]
     for step in range(5):
         g = torch.randn(shape, generator=gen) * (1 + step)
@@ -260,8 +263,10 @@ def test_factored_residual_equals_the_formed_one(kw, shape):
             def spy(G, R, d, proj, state, group, keep, fused=fused, seen=seen):
                 if fused is None:
                     assert proj.orthonormal(state)
-                    P = proj.basis(state, proj.side)
-                    torch.testing.assert_close(P.t() @ P, torch.eye(P.shape[1]), atol=1e-5, rtol=0)
+                    for which in ("left", "right"):
+                        if proj.side in (which, "full"):
+                            P = proj.basis(state, which)
+                            torch.testing.assert_close(P.t() @ P, torch.eye(P.shape[1]), atol=1e-5, rtol=0)
                     T, t, L = rule.factored(G, R, d, proj, state, group, keep)
                     seen["S"] = t * T + proj.project_back(state, L)
                     return T, t, L
