@@ -25,6 +25,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torchrun import exit_now
 
 import lowrank_optim as lo
 
@@ -216,3 +217,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torchrun import exit_now
 
 import lowrank_optim as lo
 
@@ -102,3 +103,4 @@ def main(out_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_now()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
+from torchrun import exit_now
 
 import lowrank_optim as lo
 from lowrank_optim import route, sharding
@@ -225,3 +226,4 @@ def main(out, sections):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    exit_now()

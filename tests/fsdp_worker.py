@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torchrun import exit_now
 
 import lowrank_optim as lo
 
@@ -161,3 +162,4 @@ def main(out_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_now()
