@@ -48,6 +48,14 @@ def entry_point(prog):
     return wrap
 
 
+def publish(text, output=None):
+    """Print a report and, given ``output``, write it there too (one trailing newline)."""
+    print(text)
+    if output:
+        with open(output, "w") as f:
+            f.write(text.rstrip("\n") + "\n")
+
+
 def explicit_dests(parser, argv):
     """Destinations the user set on the command line (also `--flag=value` and abbreviations): the parser is
     re-run with every default suppressed, so only given options land in the namespace."""

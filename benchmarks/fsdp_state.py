@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .cli import Parser, UsageError, check_writable_dir, entry_point
+from .cli import Parser, UsageError, check_writable_dir, entry_point, publish
 from .model import load_config
 
 METHODS = [  # (label, optimizer name, options; rank None: the model's --models rank)
@@ -137,10 +137,7 @@ def main(argv=None):
     ]
     lines += [f"- {n} {label} W={w}: ratio {r:.4f} > {(1 + SLACK) / w:.4f}" for n, label, w, r in failures]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    publish(text, args.output)
     return all_rows
 
 

@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point
+from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point, publish
 from .comm_count import CollectiveCounter
 from .model import build_model, load_config
 
@@ -201,10 +201,7 @@ def main(argv=None):
             *WHERE_FROM,
         ]
     )
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    publish(text, args.output)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"world": world, "same_on_every_rank": same, "rows": rows}, f)

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point
+from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point, publish
 from .model import load_config
 
 METHODS = [  # (label, optimizer name, options)
@@ -81,10 +81,7 @@ def main(argv=None):
     ]
     lines += [f"| {label} | {b / 2**20:.1f} | {r:.3f} |" for label, b, r in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    publish(text, args.output)
     return rows
 
 

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point
+from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point, publish
 from .stepbench.kernels import bits_rows, kernel_rows, peak_gbps
 from .stepbench.optimizers import BASELINE, METHODS, add_ratios, measure
 from .stepbench.refresh import PROJECTOR_NAMES, refresh_rows
@@ -211,10 +211,8 @@ def main(argv=None):
             result["kernels_note"] = "Not run: needs CUDA (device here: cpu)."
         text = to_markdown(result)
 
-    print(text)
+    publish(text, args.output)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
         with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
             json.dump(result, f, indent=1)
     return result
