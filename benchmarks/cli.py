@@ -48,6 +48,22 @@ def entry_point(prog):
     return wrap
 
 
+def leave_process_group():
+    """End a torchrun process whose work is done: every rank meets, closes its process group and leaves without
+    the interpreter's teardown. torch's distributed runtime can abort in a C++ destructor at exit (SIGABRT,
+    "terminate called without an active exception", no Python frame) after all work has finished, which would turn
+    a finished run into a failed launch. Nothing to do without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # every rank done with its last collective before any closes its connections
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def publish(text, output=None):
     """Print a report and, given ``output``, write it there too (one trailing newline)."""
     print(text)

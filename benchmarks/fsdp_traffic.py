@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point, publish
+from .cli import Parser, UsageError, check_number, check_writable_dir, entry_point, leave_process_group, publish
 from .comm_count import CollectiveCounter
 from .model import build_model, load_config
 
@@ -168,8 +168,6 @@ def main(argv=None):
     rows, param_bytes = measure(config, args.rank, args.seq_len, methods)
     every = [None] * world
     dist.all_gather_object(every, rows)
-    dist.barrier()  # every rank done with its last collective before any closes its connections
-    dist.destroy_process_group()
     if me != 0:
         return rows
     same = all(r == every[0] for r in every)
@@ -210,3 +208,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

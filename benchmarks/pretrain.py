@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import fsdp
 from . import run_options as opts
-from .cli import USAGE_EXIT, UsageError, entry_point, explicit_dests
+from .cli import USAGE_EXIT, UsageError, entry_point, explicit_dests, leave_process_group
 from .model import build_model, load_config
 from .optimizers import build_optimizer, optimizer_options, state_bytes
 from .train_loop import Loop, _barrier, say
@@ -360,6 +360,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    leave_process_group()

@@ -25,9 +25,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from torchrun import exit_now
 
 import lowrank_optim as lo
+from benchmarks.cli import leave_process_group
 
 K, N = 3, 5  # checkpoint after step K, compare at step N
 GAP = 2  # bases refresh at steps 0, 2 (before the checkpoint) and 4 (after it); step 3 steps on a loaded basis
@@ -211,10 +211,8 @@ def main() -> None:
         resume(f"full_from_w{source}", full=os.path.join(args.out, f"full_w{source}.pt"))
     if rank == 0:
         torch.save(results, os.path.join(args.out, f"w{world}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    exit_now()
+    leave_process_group()

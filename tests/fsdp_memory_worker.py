@@ -14,9 +14,9 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torchrun import exit_now
 
 import lowrank_optim as lo
+from benchmarks.cli import leave_process_group
 
 # name -> (optimizer name, options, subspace rank); shapes below give uneven row splits and empty shards at 4 ranks
 CASES = {
@@ -97,10 +97,8 @@ def main(out_dir):
             results[name] = run_case(name, world, rank)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.barrier()  # every rank done with its last collective before any closes its connections
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    exit_now()
+    leave_process_group()

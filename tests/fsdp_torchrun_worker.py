@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
-from torchrun import exit_now
 
 import lowrank_optim as lo
+from benchmarks.cli import leave_process_group
 from lowrank_optim import route, sharding
 from lowrank_optim.layerwise import LayerwiseOptimizer
 
@@ -220,10 +220,8 @@ def main(out, sections):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.barrier()  # every rank done with its last collective before any closes its connections
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
-    exit_now()
+    leave_process_group()

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
-from torchrun import exit_now
 
 import lowrank_optim as lo
+from benchmarks.cli import leave_process_group
 
 STEPS, GAP, RANK, BATCH = 20, 7, 4, 12
 CASES = {
@@ -156,10 +156,8 @@ def main(out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(dict(world=world, results=results), f, indent=1)
-    dist.barrier()  # every rank done with its last collective before any closes its connections
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    exit_now()
+    leave_process_group()

@@ -9,19 +9,12 @@ import warnings
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
-# A rank can die inside torch's C++ runtime (std::terminate, no Python error): about one launch in each CI run
-# did, never the same one, and 40 launches of those runs here never showed it. Only that crash is run again, up
-# to twice (its output kept in the warning): an exception, an assertion or a wrong number fails at once.
+# A rank can die inside torch's C++ runtime at exit (std::terminate, no Python frame): about one launch in each CI
+# run did, never the same one, and 40 launches of those runs here never showed it. Workers and benchmarks leave
+# through ``benchmarks.cli.leave_process_group``; a launch that still dies so is run again, up to twice (its output
+# kept in the warning): an exception, an assertion or a wrong number fails at once.
 RUNTIME_ABORT = "terminate called without an active exception"
 ATTEMPTS = 3
-
-
-def exit_now() -> None:
-    """End a worker that has written its results: flush and leave without the interpreter's teardown, so no C++
-    destructor of the distributed runtime runs after the work is done (the abort above may come from there)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def launch(world: int, args, *, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
