@@ -5,7 +5,6 @@ the engine's plus those of the parts it selects, and its defaults are theirs (``
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -129,11 +128,17 @@ def _parts_of(group: Dict) -> List[Tuple[str, Any]]:
     ]
 
 
-@functools.lru_cache(maxsize=None)
+_PROJECTOR_OPTIONS: Dict[Any, Tuple[Option, ...]] = {}  # built once per projector class, read every step
+
+
 def part_options(part) -> Tuple[Option, ...]:
     opts = getattr(part, "options", ())
     if isinstance(opts, dict):  # projectors: {name: (default, check returning a bool, doc)}
-        return tuple(Option(k, default, _bool_check(ok, doc), doc) for k, (default, ok, doc) in opts.items())
+        if part not in _PROJECTOR_OPTIONS:
+            _PROJECTOR_OPTIONS[part] = tuple(
+                Option(k, default, _bool_check(ok, doc), doc) for k, (default, ok, doc) in opts.items()
+            )
+        return _PROJECTOR_OPTIONS[part]
     return tuple(opts)
 
 
